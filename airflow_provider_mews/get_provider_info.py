@@ -1,0 +1,84 @@
+"""What Airflow's providers manager reads: the ``mews`` connection type and its form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_provider_mews import __version__
+
+CONN_TYPE = "mews"
+HOOK_CLASS = "airflow_provider_mews.hooks.mews.MewsConnectorHook"
+
+#: Standard fields the Mews connection does not use.
+HIDDEN_FIELDS = ["schema", "port", "login", "extra"]
+RELABELING = {"host": "Platform address", "password": "Access token"}
+PLACEHOLDERS = {
+    "host": "https://api.mews.com (production) or https://api.mews-demo.com (demo)",
+    "password": "AccessToken of the enterprise or portfolio",
+    "client_token": "ClientToken of the integration",
+    "client": f"airflow-provider-mews {__version__}",
+    "chain_id": "UUID, only for Portfolio Access Tokens",
+    "timeout": "30",
+}
+
+#: Extra fields, as the Airflow 3.2+ connection form builds them (JSON schema per field).
+CONN_FIELDS: dict[str, dict[str, Any]] = {
+    "client_token": {
+        "label": "Client token",
+        "description": "ClientToken identifying the integration (secret).",
+        "schema": {"type": ["string", "null"], "format": "password"},
+    },
+    "client": {
+        "label": "Client",
+        "description": "Name and version of the client application sent to Mews.",
+        "schema": {"type": ["string", "null"]},
+    },
+    "chain_id": {
+        "label": "Chain id",
+        "description": "ChainId for Portfolio Access Tokens; leave empty otherwise.",
+        "schema": {"type": ["string", "null"]},
+    },
+    "timeout": {
+        "label": "Timeout (seconds)",
+        "description": "Read timeout of one request; default 30.",
+        "schema": {"type": ["number", "null"]},
+    },
+}
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-provider-mews",
+        "name": "Mews",
+        "description": "Mews Connector API: loyalty memberships and more, from Apache Airflow.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "Mews",
+                "external-doc-url": "https://mews-systems.gitbook.io/connector-api",
+                "tags": ["service"],
+            }
+        ],
+        "hooks": [
+            {"integration-name": "Mews", "python-modules": ["airflow_provider_mews.hooks.mews"]}
+        ],
+        "operators": [
+            {
+                "integration-name": "Mews",
+                "python-modules": ["airflow_provider_mews.operators.loyalty_memberships"],
+            }
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": HOOK_CLASS,
+                "hook-name": "Mews",
+                "connection-type": CONN_TYPE,
+                "conn-fields": CONN_FIELDS,
+                "ui-field-behaviour": {
+                    "hidden-fields": HIDDEN_FIELDS,
+                    "relabeling": RELABELING,
+                    "placeholders": PLACEHOLDERS,
+                },
+            }
+        ],
+    }

@@ -1,0 +1,548 @@
+"""MewsConnectorHook: the one place that talks HTTP to the Mews Connector API.
+
+It owns authentication (tokens in the JSON body), the pooled ``requests`` session, the
+per-AccessToken rate limiter, retries and the mapping of answers to
+:mod:`airflow_provider_mews.exceptions`. Operators call its methods and never build
+requests themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from functools import cached_property
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from airflow_provider_mews import __version__
+from airflow_provider_mews.exceptions import (
+    MewsConfigurationError,
+    MewsConnectionError,
+    MewsError,
+    MewsRateLimitError,
+    MewsResponseError,
+    error_class_for_status,
+)
+from airflow_provider_mews.get_provider_info import (
+    CONN_TYPE,
+    HIDDEN_FIELDS,
+    PLACEHOLDERS,
+    RELABELING,
+)
+from airflow_provider_mews.rate_limit import (
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_PERIOD_S,
+    SlidingWindowLimiter,
+    limiter_for,
+)
+from airflow_provider_mews.version_compat import BaseHook, mask_secret
+
+API_PATH = "/api/connector/v1/"
+MAX_ADD_ITEMS = 1000
+MAX_FILTER_ITEMS = 1000
+DEFAULT_CLIENT = f"airflow-provider-mews {__version__}"
+DEFAULT_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+#: The cheap authenticated call behind "Test connection".
+TEST_OPERATION = "configuration/get"
+
+
+@dataclass(frozen=True)
+class MewsSettings:
+    """A validated Mews connection. Tokens are kept out of ``repr``."""
+
+    base_url: str
+    access_token: str = field(repr=False)
+    client_token: str = field(repr=False)
+    client: str = DEFAULT_CLIENT
+    chain_id: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    rate_limit_requests: int = DEFAULT_MAX_REQUESTS
+    rate_limit_period_s: float = DEFAULT_PERIOD_S
+
+
+def _setting_error(conn_id: str, what: str) -> MewsConfigurationError:
+    return MewsConfigurationError(f"Airflow connection '{conn_id}' (type mews): {what}")
+
+
+def validate_uuid(value: Any, name: str) -> str:
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ValueError(f"{name} must be a UUID like 3fa85f64-5717-4562-b3fc-2c963f66afa6") from None
+
+
+def settings_from_connection(conn: Any) -> MewsSettings:
+    """Validate an Airflow Connection into :class:`MewsSettings` (pure: no I/O)."""
+    cid = conn.conn_id or "<unnamed>"
+    extra = conn.extra_dejson or {}
+    host = (conn.host or "").strip()
+    if not host:
+        raise _setting_error(
+            cid,
+            "host (Platform address) is empty. Set it to https://api.mews.com for production or "
+            "https://api.mews-demo.com for the demo environment.",
+        )
+    parts = urlsplit(host)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise _setting_error(
+            cid, f"host {host!r} must start with https:// (e.g. https://api.mews.com)."
+        )
+    if parts.path or parts.query or parts.fragment:
+        raise _setting_error(
+            cid,
+            f"host {host!r} must be the platform address only, without a trailing slash or path "
+            f"(e.g. {parts.scheme}://{parts.netloc}).",
+        )
+    if not conn.password:
+        raise _setting_error(cid, "password (Access token) is empty; paste the AccessToken there.")
+    client_token = extra.get("client_token")
+    if not client_token or not isinstance(client_token, str):
+        raise _setting_error(cid, "extra.client_token (Client token) is missing; set the ClientToken.")
+    client = extra.get("client") or DEFAULT_CLIENT
+    if not isinstance(client, str):
+        raise _setting_error(cid, "extra.client must be a string such as 'My Sync 1.0'.")
+    chain_id = extra.get("chain_id") or None
+    if chain_id is not None:
+        try:
+            chain_id = validate_uuid(chain_id, "extra.chain_id")
+        except ValueError as exc:
+            raise _setting_error(cid, str(exc)) from None
+    timeout = _positive_number(extra.get("timeout"), DEFAULT_TIMEOUT_S, "extra.timeout", cid)
+    period = _positive_number(
+        extra.get("rate_limit_period"), DEFAULT_PERIOD_S, "extra.rate_limit_period", cid
+    )
+    max_requests = int(
+        _positive_number(
+            extra.get("rate_limit_requests"), DEFAULT_MAX_REQUESTS, "extra.rate_limit_requests", cid
+        )
+    )
+    return MewsSettings(
+        base_url=f"{parts.scheme}://{parts.netloc}",
+        access_token=conn.password,
+        client_token=client_token,
+        client=client,
+        chain_id=chain_id,
+        timeout_s=timeout,
+        rate_limit_requests=max_requests,
+        rate_limit_period_s=period,
+    )
+
+
+def _positive_number(value: Any, default: float, name: str, cid: str) -> float:
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if number <= 0:
+        raise _setting_error(cid, f"{name} must be a positive number, got {value!r}.")
+    return number
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def _utc_iso(value: datetime | str) -> str:
+    if isinstance(value, str):
+        return value
+    import pendulum
+
+    return pendulum.instance(value).in_timezone("UTC").format("YYYY-MM-DDTHH:mm:ss[Z]")
+
+
+@dataclass
+class CallStats:
+    """Counters shared by the threads of one hook, for progress lines and summaries."""
+
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    rate_limit_wait_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+
+class MewsConnectorHook(BaseHook):
+    """
+    Calls the Mews Connector API with the credentials of an Airflow connection.
+
+    :param mews_conn_id: Airflow connection of type ``mews``.
+    :param max_attempts: attempts per call for retryable failures (408, 5xx, network).
+        An ``add`` is never re-sent after a failure that may have been processed.
+    :param max_retry_time_s: total time one call may spend retrying and waiting on 429s.
+    :param max_retry_after_s: longest single wait a ``Retry-After`` may impose.
+    :param pool_size: HTTP connections kept open; at least the caller's concurrency.
+    """
+
+    conn_name_attr = "mews_conn_id"
+    default_conn_name = "mews_default"
+    conn_type = CONN_TYPE
+    hook_name = "Mews"
+
+    def __init__(
+        self,
+        mews_conn_id: str = default_conn_name,
+        *,
+        max_attempts: int = 5,
+        max_retry_time_s: float = 300.0,
+        max_retry_after_s: float = 120.0,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        pool_size: int = 16,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.mews_conn_id = mews_conn_id
+        self.max_attempts = max_attempts
+        self.max_retry_time_s = max_retry_time_s
+        self.max_retry_after_s = max_retry_after_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.pool_size = pool_size
+        self.stats = CallStats()
+        self._settings: MewsSettings | None = None
+
+    def __repr__(self) -> str:
+        return f"MewsConnectorHook(mews_conn_id={self.mews_conn_id!r})"
+
+    # -- connection form (Airflow < 3.2 builds it from these; 3.2+ from get_provider_info) --
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        from flask_appbuilder.fieldwidgets import BS3PasswordFieldWidget, BS3TextFieldWidget
+        from flask_babel import lazy_gettext
+        from wtforms import PasswordField, StringField
+
+        return {
+            "client_token": PasswordField(lazy_gettext("Client token"), widget=BS3PasswordFieldWidget()),
+            "client": StringField(lazy_gettext("Client"), widget=BS3TextFieldWidget()),
+            "chain_id": StringField(lazy_gettext("Chain id"), widget=BS3TextFieldWidget()),
+            "timeout": StringField(lazy_gettext("Timeout (seconds)"), widget=BS3TextFieldWidget()),
+        }
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {
+            "hidden_fields": HIDDEN_FIELDS,
+            "relabeling": RELABELING,
+            "placeholders": PLACEHOLDERS,
+        }
+
+    # -- settings, session, limiter --
+
+    @property
+    def settings(self) -> MewsSettings:
+        if self._settings is None:
+            conn = self.get_connection(self.mews_conn_id)
+            # Mask before validating, so even an error path cannot print them.
+            for secret in (conn.password, (conn.extra_dejson or {}).get("client_token")):
+                if secret:
+                    mask_secret(secret)
+            self._settings = settings_from_connection(conn)
+        return self._settings
+
+    @cached_property
+    def session(self) -> requests.Session:
+        session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self.pool_size, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.headers.update(
+            {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": DEFAULT_CLIENT}
+        )
+        return session
+
+    @cached_property
+    def limiter(self) -> SlidingWindowLimiter:
+        s = self.settings
+        return limiter_for(s.access_token, s.rate_limit_requests, s.rate_limit_period_s)
+
+    def close(self) -> None:
+        if "session" in self.__dict__:
+            self.session.close()
+            del self.__dict__["session"]
+
+    # -- calls --
+
+    def call(self, operation: str, payload: Mapping[str, Any] | None = None, *, idempotent: bool = True) -> Any:
+        """POST ``payload`` plus the auth fields to ``operation``; returns the decoded JSON answer.
+
+        ``idempotent=False`` (adds) means: never re-send after a failure that may have been
+        processed; raise with ``may_have_been_processed=True`` so the caller can reconcile.
+        """
+        s = self.settings
+        body = {"ClientToken": s.client_token, "AccessToken": s.access_token, "Client": s.client}
+        if payload:
+            body.update(payload)
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        url = s.base_url + API_PATH + operation
+        deadline = time.monotonic() + self.max_retry_time_s
+        failures = 0
+        while True:
+            if not self.limiter.acquire(deadline):
+                raise MewsRateLimitError(
+                    "the client-side rate limiter had no free slot within the retry budget",
+                    operation=operation,
+                )
+            self.stats.add(requests=1)
+            try:
+                response = self.session.post(url, data=data, timeout=(CONNECT_TIMEOUT_S, s.timeout_s))
+            except requests.RequestException as exc:
+                error: MewsError = self._transport_error(exc, operation, idempotent)
+            else:
+                if response.status_code == 200:
+                    return self._decode(response, operation)
+                error = self._http_error(response, operation, idempotent)
+            wait = self._wait_before_retry(error, idempotent, failures, deadline)
+            if wait is None:
+                raise error
+            if error.status != 429:
+                failures += 1
+            self.stats.add(retries=1)
+            self.log.warning("%s; retrying in %.1f s", error, wait)
+            time.sleep(wait)
+
+    def _wait_before_retry(
+        self, error: MewsError, idempotent: bool, failures: int, deadline: float
+    ) -> float | None:
+        """Seconds to wait before trying again, or None to raise now."""
+        if not error.retryable:
+            return None
+        if error.may_have_been_processed:
+            return None
+        if error.status == 429:
+            wait = error.details if isinstance(error.details, float) else self.backoff_base_s
+            wait = min(wait, self.max_retry_after_s)
+            self.limiter.pause(wait)
+            self.stats.add(rate_limited=1, rate_limit_wait_s=wait)
+        else:
+            if failures + 1 >= self.max_attempts:
+                return None
+            ceiling = min(self.backoff_max_s, self.backoff_base_s * 2**failures)
+            wait = random.uniform(ceiling / 2, ceiling)
+        if time.monotonic() + wait > deadline:
+            return None
+        return wait
+
+    def _redact(self, text: str) -> str:
+        s = self._settings
+        if s is not None:
+            for secret in (s.access_token, s.client_token):
+                text = text.replace(secret, "***")
+        return text
+
+    def _transport_error(self, exc: requests.RequestException, operation: str, idempotent: bool) -> MewsError:
+        # A refused or timed-out *connect* never reached Mews; anything later may have.
+        reached = not _is_connect_failure(exc)
+        kind = type(exc).__name__
+        what = "connection failed before sending" if not reached else "no complete answer after sending"
+        return MewsConnectionError(
+            self._redact(f"{what} ({kind}: {str(exc)[:300]})"),
+            operation=operation,
+            may_have_been_processed=reached and not idempotent,
+        )
+
+    def _http_error(self, response: requests.Response, operation: str, idempotent: bool) -> MewsError:
+        status = response.status_code
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        message, details = _error_message(response, body)
+        request_id = response.headers.get("Request-Id")
+        if isinstance(body, dict) and isinstance(body.get("RequestId"), str):
+            request_id = body["RequestId"] or request_id
+        cls = error_class_for_status(status)
+        if status == 429:
+            details = parse_retry_after(response.headers.get("Retry-After"))
+        return cls(
+            self._redact(message),
+            status=status,
+            request_id=request_id,
+            operation=operation,
+            details=details,
+            # Only an add cares whether it may have been stored; a read is simply repeated.
+            may_have_been_processed=False if idempotent else None,
+        )
+
+    def _decode(self, response: requests.Response, operation: str) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise MewsResponseError(
+                f"HTTP 200 with a body that is not JSON ({len(response.content)} bytes)",
+                status=200,
+                request_id=response.headers.get("Request-Id"),
+                operation=operation,
+            ) from None
+
+    # -- operations --
+
+    def add_loyalty_memberships(
+        self, memberships: Sequence[Mapping[str, Any]], chain_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Add 1 to 1000 memberships; returns the created memberships in the order sent.
+
+        Raises :class:`MewsError`; when ``may_have_been_processed`` is set, the batch may be
+        stored and must be reconciled (e.g. with :meth:`get_loyalty_memberships`) before a resend.
+        """
+        count = len(memberships)
+        if not 1 <= count <= MAX_ADD_ITEMS:
+            raise MewsConfigurationError(
+                f"loyaltyMemberships/add takes 1 to {MAX_ADD_ITEMS} memberships per request, got {count}; "
+                "split the list into batches."
+            )
+        payload: dict[str, Any] = {"LoyaltyMemberships": memberships}
+        chain = chain_id or self.settings.chain_id
+        if chain:
+            payload["ChainId"] = chain
+        operation = "loyaltyMemberships/add"
+        answer = self.call(operation, payload, idempotent=False)
+        created = answer.get("LoyaltyMemberships") if isinstance(answer, dict) else None
+        if not isinstance(created, list) or len(created) != count:
+            got = len(created) if isinstance(created, list) else "no list"
+            raise MewsResponseError(
+                f"expected {count} created memberships in LoyaltyMemberships, got {got}",
+                status=200,
+                operation=operation,
+            )
+        for item in created:
+            if not isinstance(item, dict) or not isinstance(item.get("Id"), str):
+                raise MewsResponseError(
+                    "a created membership has no Id", status=200, operation=operation
+                )
+        return created
+
+    def get_loyalty_memberships(
+        self,
+        *,
+        account_ids: Iterable[str] | None = None,
+        loyalty_program_ids: Iterable[str] | None = None,
+        loyalty_membership_ids: Iterable[str] | None = None,
+        chain_ids: Iterable[str] | None = None,
+        membership_states: Iterable[str] | None = None,
+        activity_states: Iterable[str] | None = None,
+        created_utc: tuple[datetime | str | None, datetime | str | None] | None = None,
+        updated_utc: tuple[datetime | str | None, datetime | str | None] | None = None,
+        page_size: int = 1000,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield memberships matching the filters, following the Cursor page by page, lazily."""
+        if not 1 <= page_size <= 1000:
+            raise MewsConfigurationError(f"page_size must be 1..1000, got {page_size}")
+        payload: dict[str, Any] = {}
+        for key, values in (
+            ("AccountIds", account_ids),
+            ("LoyaltyProgramIds", loyalty_program_ids),
+            ("LoyaltyMembershipIds", loyalty_membership_ids),
+            ("ChainIds", chain_ids),
+        ):
+            if values is not None:
+                items = list(dict.fromkeys(values))
+                if not 1 <= len(items) <= MAX_FILTER_ITEMS:
+                    raise MewsConfigurationError(
+                        f"getAll filter {key} takes 1 to {MAX_FILTER_ITEMS} ids, got {len(items)}"
+                    )
+                payload[key] = items
+        if membership_states is not None:
+            payload["MembershipStates"] = list(membership_states)
+        if activity_states is not None:
+            payload["ActivityStates"] = list(activity_states)
+        for key, interval in (("CreatedUtc", created_utc), ("UpdatedUtc", updated_utc)):
+            if interval is not None:
+                start, end = interval
+                payload[key] = {
+                    "StartUtc": _utc_iso(start) if start else None,
+                    "EndUtc": _utc_iso(end) if end else None,
+                }
+        cursor: str | None = None
+        operation = "loyaltyMemberships/getAll"
+        while True:
+            payload["Limitation"] = {"Count": page_size, "Cursor": cursor}
+            answer = self.call(operation, payload)
+            page = answer.get("LoyaltyMemberships") if isinstance(answer, dict) else None
+            if not isinstance(page, list):
+                raise MewsResponseError("getAll answer has no LoyaltyMemberships list", operation=operation)
+            yield from page
+            cursor = answer.get("Cursor")
+            if len(page) < page_size or not cursor:
+                return
+
+    def test_connection(self) -> tuple[bool, str]:
+        """One cheap authenticated call; used by the UI's Test button and `airflow connections test`."""
+        try:
+            s = self.settings
+            answer = self.call(TEST_OPERATION, {})
+        except MewsError as exc:
+            return False, str(exc)
+        enterprise = answer.get("Enterprise") if isinstance(answer, dict) else None
+        name = enterprise.get("Name") if isinstance(enterprise, dict) else None
+        who = f" enterprise '{name}'" if name else ""
+        return True, f"Connected to Mews at {s.base_url}{who} as client '{s.client}'."
+
+
+def _is_connect_failure(exc: requests.RequestException) -> bool:
+    """True when the request surely never reached the server (refused, DNS, connect timeout)."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if not isinstance(exc, requests.ConnectionError):
+        return False
+    from urllib3.exceptions import NameResolutionError, NewConnectionError
+
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        cur = todo.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, (NewConnectionError, NameResolutionError, ConnectionRefusedError)):
+            return True
+        todo.extend([getattr(cur, "reason", None), cur.__cause__, cur.__context__])
+        todo.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
+    return False
+
+
+def _error_message(response: requests.Response, body: Any) -> tuple[str, Any]:
+    """Mews's Message and Details, or a short description of a non-JSON body (a proxy's HTML)."""
+    if isinstance(body, dict) and (body.get("Message") or "Details" in body):
+        return str(body.get("Message") or "no message"), body.get("Details")
+    text = " ".join(response.text.split())[:200] if response.content else ""
+    ctype = response.headers.get("Content-Type", "no content type")
+    reason = response.reason or ""
+    if text:
+        return f"{reason} (non-JSON body, {ctype}): {text}", None
+    return f"{reason} (empty body)", None

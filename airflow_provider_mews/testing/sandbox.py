@@ -1,0 +1,716 @@
+"""A local stand-in for the Mews Connector API, faithful to ``loyaltyMemberships/add`` and ``getAll``.
+
+It is a real HTTP server on loopback: the demo, the tests and the benchmarks run against
+it, and users run it (``mews-sandbox --port 8080``) to try their DAGs offline. It checks
+tokens (401), validates every field as the published schema says (400, unknown fields
+refused), enforces the sliding-window rate limit per AccessToken (429 + Retry-After),
+always answers with a ``Request-Id`` header and JSON error bodies, and can inject the
+faults that real networks and APIs produce. It shares no code with the provider it tests.
+
+Admin endpoints (not part of Mews), for tests and demos:
+``GET /_sandbox/memberships``, ``GET /_sandbox/stats``, ``POST /_sandbox/config``,
+``POST /_sandbox/reset``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+#: The public demo pair from Mews's "Environments" guide: the sandbox accepts it by default.
+DEMO_CLIENT_TOKEN = "E0D439EE522F44368DC78E1BFB03710C-D24FB11DBE31D4621C4817E028D9E1D"
+DEMO_ACCESS_TOKEN = "C66EF7B239D24632943D115EDE9CB810-EA00F8FD8294692C940F6B5A8F9453D"
+SANDBOX_CHAIN_ID = "3fa85f64-5717-4562-b3fc-2c963f66afa6"
+SANDBOX_ENTERPRISE_ID = "851df8c8-90f2-4c4a-8e01-a4fc46b25178"
+
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+STATES = ("New", "Pending", "Enrolled", "Canceled", "Declined")
+ADD_FIELDS = {
+    "AccountId", "LoyaltyProgramId", "IsPrimary", "State", "Code", "MembershipNumber",
+    "Points", "ExpirationDate", "Url", "LoyaltyTierId",
+}  # fmt: skip
+AUTH_FIELDS = {"ClientToken", "AccessToken", "Client", "LanguageCode", "CultureCode"}
+GETALL_LISTS = {
+    "ChainIds": "uuid", "LoyaltyMembershipIds": "uuid", "AccountIds": "uuid",
+    "LoyaltyProgramIds": "uuid", "Codes": "str", "MembershipNumbers": "str",
+    "ProviderMembershipIds": "str",
+}  # fmt: skip
+GETALL_FIELDS = AUTH_FIELDS | set(GETALL_LISTS) | {
+    "CreatedUtc", "UpdatedUtc", "MembershipStates", "ActivityStates", "Limitation",
+}  # fmt: skip
+INT32 = (-(2**31), 2**31 - 1)
+
+#: Faults a script entry or a rate can name. "NAME" or "NAME:ARG" (seconds for 429/hang).
+FAULTS = (
+    "500", "502html", "503", "408", "429", "429date", "drop_before_store", "drop_after_store",
+    "hang_after_store", "empty200", "truncated200", "fewer200", "nolist200", "wrongtypes200",
+    "huge200", "slow200",
+)  # fmt: skip
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, details: Any = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_utc(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"Invalid {name}.")
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ApiError(400, f"Invalid {name}.") from None
+
+
+@dataclass
+class SandboxConfig:
+    """Behaviour switches. Every field can be changed at run time through ``configure``."""
+
+    tokens: dict[str, set[str]] = field(
+        default_factory=lambda: {DEMO_CLIENT_TOKEN: {DEMO_ACCESS_TOKEN}}
+    )  # ClientToken -> accepted AccessTokens
+    add_latency_s: float = 0.0  # per add request of 1000 items (scaled by item count)
+    getall_latency_s: float = 0.0
+    rate_limit_requests: int = 200
+    rate_limit_period_s: float = 30.0
+    fault_rates: dict[str, float] = field(default_factory=dict)  # fault -> probability per request
+    fault_script: list[str] = field(default_factory=list)  # consumed one per API request, first
+    fault_operations: set[str] = field(default_factory=lambda: {"loyaltyMemberships/add"})
+    forbidden_accounts: set[str] = field(default_factory=set)  # 403 business rule
+    unknown_program_ids: set[str] = field(default_factory=set)  # 400 Invalid LoyaltyProgramId
+    seed: int | None = None
+
+
+class SandboxState:
+    """Memberships and counters; thread-safe."""
+
+    def __init__(self, state_file: str | None = None) -> None:
+        self.lock = threading.Lock()
+        self.memberships: dict[str, dict[str, Any]] = {}
+        self.created_at: dict[str, float] = {}
+        self.order: list[str] = []
+        self.position: dict[str, int] = {}
+        self.by_account: dict[str, list[str]] = {}
+        self.stats: Counter[str] = Counter()
+        self.windows: dict[str, deque[float]] = {}
+        self.state_file = state_file
+        if state_file:
+            self._load(state_file)
+
+    def _load(self, path: str) -> None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        record = json.loads(line)
+                        self._index(record["m"], record["t"])
+        except FileNotFoundError:
+            pass
+
+    def _index(self, membership: dict[str, Any], created: float) -> None:
+        mid = membership["Id"]
+        self.memberships[mid] = membership
+        self.created_at[mid] = created
+        self.position[mid] = len(self.order)
+        self.order.append(mid)
+        self.by_account.setdefault(membership["AccountId"].lower(), []).append(mid)
+
+    def store(self, memberships: list[dict[str, Any]]) -> None:
+        now = time.time()
+        with self.lock:
+            for m in memberships:
+                self._index(m, now)
+            if self.state_file:
+                with open(self.state_file, "a", encoding="utf-8") as fh:
+                    fh.writelines(json.dumps({"m": m, "t": now}) + "\n" for m in memberships)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.memberships.clear()
+            self.created_at.clear()
+            self.order.clear()
+            self.position.clear()
+            self.by_account.clear()
+            self.stats.clear()
+            self.windows.clear()
+            if self.state_file:
+                open(self.state_file, "w").close()
+
+
+class MewsSandbox:
+    """The sandbox server. ``with MewsSandbox() as sb: sb.url`` runs it in a background thread."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        config: SandboxConfig | None = None,
+        state_file: str | None = None,
+        quiet: bool = True,
+    ) -> None:
+        self.config = config or SandboxConfig()
+        self.state = SandboxState(state_file)
+        self.quiet = quiet
+        self._rng = random.Random(self.config.seed)
+        self._server = _Server((host, port), _Handler)
+        self._server.sandbox = self
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> MewsSandbox:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="mews-sandbox", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> MewsSandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- inspection and control (also reachable over HTTP as /_sandbox/...) --
+
+    def memberships(self) -> list[dict[str, Any]]:
+        with self.state.lock:
+            return [self.state.memberships[i] for i in self.state.order]
+
+    def stats(self) -> dict[str, int]:
+        with self.state.lock:
+            out = dict(self.state.stats)
+            out["stored"] = len(self.state.memberships)
+            return out
+
+    def reset(self) -> None:
+        self.state.reset()
+        self.config = SandboxConfig(tokens=self.config.tokens)
+        self._rng = random.Random(self.config.seed)
+
+    def configure(self, **changes: Any) -> None:
+        for name, value in changes.items():
+            if not hasattr(self.config, name):
+                raise ValueError(f"unknown sandbox setting {name!r}")
+            current = getattr(self.config, name)
+            if isinstance(current, set):
+                value = set(value)
+            elif name == "tokens":
+                value = {k: set(v) if not isinstance(v, str) else {v} for k, v in value.items()}
+            elif name == "fault_script":
+                value = list(value)
+            setattr(self.config, name, value)
+            if name == "seed":
+                self._rng = random.Random(value)
+
+    def add_tokens(self, client_token: str, access_token: str) -> None:
+        self.config.tokens.setdefault(client_token, set()).add(access_token)
+
+    # -- the API --
+
+    def next_fault(self, operation: str) -> str | None:
+        cfg = self.config
+        if operation not in cfg.fault_operations:
+            return None
+        with self.state.lock:
+            if cfg.fault_script:
+                entry = cfg.fault_script.pop(0)
+                return entry or None
+            for name, rate in cfg.fault_rates.items():
+                if rate > 0 and self._rng.random() < rate:
+                    return name
+        return None
+
+    def authenticate(self, body: dict[str, Any]) -> str:
+        client_token = body.get("ClientToken")
+        access_token = body.get("AccessToken")
+        client = body.get("Client")
+        for name, value in (("ClientToken", client_token), ("AccessToken", access_token), ("Client", client)):
+            if not isinstance(value, str) or not value:
+                raise ApiError(400, f"Invalid {name}.")
+        if access_token not in self.config.tokens.get(client_token, ()):  # type: ignore[arg-type]
+            raise ApiError(401, "Invalid ClientToken or AccessToken, or the integration is disabled.")
+        if (body.get("LanguageCode") is None) != (body.get("CultureCode") is None):
+            raise ApiError(400, "LanguageCode and CultureCode must be given together.")
+        return access_token  # type: ignore[return-value]
+
+    def check_rate(self, access_token: str) -> None:
+        cfg = self.config
+        now = time.monotonic()
+        with self.state.lock:
+            window = self.state.windows.setdefault(access_token, deque())
+            while window and window[0] <= now - cfg.rate_limit_period_s:
+                window.popleft()
+            if len(window) >= cfg.rate_limit_requests:
+                retry = max(1, int(window[0] + cfg.rate_limit_period_s - now + 0.999))
+                self.state.stats["429"] += 1
+                raise ApiError(
+                    429, "Too many requests for this AccessToken.", headers={"Retry-After": str(retry)}
+                )
+            window.append(now)
+
+    def add(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        unknown = set(body) - AUTH_FIELDS - {"ChainId", "LoyaltyMemberships"}
+        if unknown:
+            raise ApiError(400, f"Invalid request: unknown field(s) {', '.join(sorted(unknown))}.")
+        chain_id = body.get("ChainId")
+        if chain_id is not None and not (isinstance(chain_id, str) and _UUID.match(chain_id)):
+            raise ApiError(400, "Invalid ChainId.")
+        items = body.get("LoyaltyMemberships")
+        if not isinstance(items, list) or not 1 <= len(items) <= 1000:
+            raise ApiError(400, "Invalid LoyaltyMemberships: 1 to 1000 items are required.")
+        created = [self._membership(i, item, chain_id or SANDBOX_CHAIN_ID) for i, item in enumerate(items)]
+        forbidden = self.config.forbidden_accounts
+        if forbidden:
+            bad = [i for i, m in enumerate(created) if m["AccountId"].lower() in forbidden]
+            if bad:
+                raise ApiError(
+                    403,
+                    f"The customer account {created[bad[0]]['AccountId']} cannot be enrolled in the loyalty program.",
+                    details={"LoyaltyMembershipIndexes": bad},
+                )
+        return created, {"LoyaltyMemberships": created}
+
+    def _membership(self, i: int, item: Any, chain_id: str) -> dict[str, Any]:
+        where = f"LoyaltyMemberships[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"Invalid {where}: an object is required.")
+        unknown = item.keys() - ADD_FIELDS
+        if unknown:
+            raise ApiError(400, f"Invalid {where}: unknown field(s) {', '.join(sorted(unknown))}.")
+        for name in ("AccountId", "LoyaltyProgramId"):
+            value = item.get(name)
+            if not isinstance(value, str) or not _UUID.match(value):
+                raise ApiError(400, f"Invalid {where}.{name}: a UUID is required.")
+        if item["LoyaltyProgramId"].lower() in self.config.unknown_program_ids:
+            raise ApiError(400, f"Invalid LoyaltyProgramId {item['LoyaltyProgramId']}.")
+        if not isinstance(item.get("IsPrimary"), bool):
+            raise ApiError(400, f"Invalid {where}.IsPrimary: a boolean is required.")
+        state = item.get("State")
+        if state is not None and state not in STATES:
+            raise ApiError(400, f"Invalid {where}.State: one of {', '.join(STATES)} is required.")
+        for name in ("Code", "MembershipNumber"):
+            value = item.get(name)
+            if value is not None and (not isinstance(value, str) or len(value) > 255):
+                raise ApiError(400, f"Invalid {where}.{name}: a string of at most 255 characters is required.")
+        points = item.get("Points")
+        if points is not None and (
+            not isinstance(points, int) or isinstance(points, bool) or not INT32[0] <= points <= INT32[1]
+        ):
+            raise ApiError(400, f"Invalid {where}.Points: a 32-bit integer is required.")
+        expiration = item.get("ExpirationDate")
+        if expiration is not None:
+            expiration = self._date(expiration, f"{where}.ExpirationDate")
+        url = item.get("Url")
+        if url is not None:
+            parts = urlsplit(url) if isinstance(url, str) else None
+            if parts is None or not parts.scheme or not parts.netloc:
+                raise ApiError(400, f"Invalid {where}.Url: an absolute URI is required.")
+        tier = item.get("LoyaltyTierId")
+        if tier is not None and not (isinstance(tier, str) and _UUID.match(tier)):
+            raise ApiError(400, f"Invalid {where}.LoyaltyTierId: a UUID is required.")
+        code = item.get("Code") if item.get("Code") is not None else item.get("MembershipNumber")
+        profile = {"Discriminator": "Integration", "EnterpriseProfile": None}
+        return {
+            "Id": str(uuid.uuid4()),
+            "ChainId": chain_id,
+            "AccountId": item["AccountId"],
+            "LoyaltyProgramId": item["LoyaltyProgramId"],
+            "State": state or "Enrolled",
+            "IsPrimary": item["IsPrimary"],
+            "ProviderMembershipId": None,
+            "Code": code,
+            "MembershipNumber": code,
+            "Points": points,
+            "ExpirationDate": expiration,
+            "Url": url,
+            "LoyaltyTierId": tier,
+            "ActivityState": "Active",
+            "DeletedUtc": None,
+            "CreatorProfile": profile,
+            "UpdaterProfile": profile,
+        }
+
+    @staticmethod
+    def _date(value: Any, where: str) -> str:
+        if isinstance(value, str):
+            if _DATE.match(value):
+                return value + "T00:00:00Z"
+            try:
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                parsed = None
+            if parsed is not None and parsed.tzinfo is not None:
+                return parsed.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        raise ApiError(400, f"Invalid {where}: an ISO 8601 date in UTC is required.")
+
+    def get_all(self, body: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(body) - GETALL_FIELDS
+        if unknown:
+            raise ApiError(400, f"Invalid request: unknown field(s) {', '.join(sorted(unknown))}.")
+        limitation = body.get("Limitation")
+        if not isinstance(limitation, dict) or set(limitation) - {"Count", "Cursor"}:
+            raise ApiError(400, "Invalid Limitation: {Count: 1..1000, Cursor} is required.")
+        count = limitation.get("Count")
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1000:
+            raise ApiError(400, "Invalid Limitation.Count: 1 to 1000 is required.")
+        cursor = limitation.get("Cursor")
+        filters: dict[str, set[str]] = {}
+        for name, kind in GETALL_LISTS.items():
+            values = body.get(name)
+            if values is None:
+                continue
+            if not isinstance(values, list) or not 1 <= len(values) <= 1000:
+                raise ApiError(400, f"Invalid {name}: 1 to 1000 items are required.")
+            if kind == "uuid" and not all(isinstance(v, str) and _UUID.match(v) for v in values):
+                raise ApiError(400, f"Invalid {name}: UUIDs are required.")
+            filters[name] = {v.lower() if kind == "uuid" else v for v in values}
+        states = body.get("MembershipStates")
+        if states is not None and (not isinstance(states, list) or any(s not in STATES for s in states)):
+            raise ApiError(400, "Invalid MembershipStates.")
+        activity = body.get("ActivityStates")
+        if activity is not None and (
+            not isinstance(activity, list) or any(s not in ("Active", "Deleted") for s in activity)
+        ):
+            raise ApiError(400, "Invalid ActivityStates.")
+        created = body.get("CreatedUtc")
+        start = end = None
+        if created is not None:
+            if not isinstance(created, dict) or set(created) - {"StartUtc", "EndUtc"}:
+                raise ApiError(400, "Invalid CreatedUtc.")
+            start = _parse_utc(created.get("StartUtc"), "CreatedUtc.StartUtc")
+            end = _parse_utc(created.get("EndUtc"), "CreatedUtc.EndUtc")
+            if start is not None and end is not None and end - start > 93 * 86400:
+                raise ApiError(400, "Invalid CreatedUtc: the interval can be at most 3 months.")
+        st = self.state
+        with st.lock:
+            accounts = filters.get("AccountIds")
+            if accounts is not None:
+                ids: Iterable[str] = sorted(
+                    (i for a in accounts for i in st.by_account.get(a, ())), key=st.position.__getitem__
+                )
+            else:
+                ids = st.order
+            started = cursor is None
+            page: list[dict[str, Any]] = []
+            for mid in ids:
+                if not started:
+                    started = mid == cursor
+                    continue
+                m = st.memberships[mid]
+                if not self._matches(m, filters, states, activity):
+                    continue
+                t = st.created_at[mid]
+                if (start is not None and t < start) or (end is not None and t > end):
+                    continue
+                page.append(m)
+                if len(page) == count:
+                    break
+        return {"LoyaltyMemberships": page, "Cursor": page[-1]["Id"] if page else None}
+
+    @staticmethod
+    def _matches(m: dict[str, Any], filters: dict[str, set[str]], states: Any, activity: Any) -> bool:
+        for name, key in (
+            ("LoyaltyProgramIds", "LoyaltyProgramId"),
+            ("LoyaltyMembershipIds", "Id"),
+            ("ChainIds", "ChainId"),
+        ):
+            wanted = filters.get(name)
+            if wanted is not None and m[key].lower() not in wanted:
+                return False
+        for name, key in (("Codes", "Code"), ("MembershipNumbers", "MembershipNumber")):
+            wanted = filters.get(name)
+            if wanted is not None and m[key] not in wanted:
+                return False
+        if states is not None and m["State"] not in states:
+            return False
+        return activity is None or m["ActivityState"] in activity
+
+    def configuration(self) -> dict[str, Any]:
+        return {
+            "NowUtc": _now_iso(),
+            "Enterprise": {
+                "Id": SANDBOX_ENTERPRISE_ID,
+                "ChainId": SANDBOX_CHAIN_ID,
+                "Name": "Mews Sandbox Hotel",
+                "TimeZoneIdentifier": "Europe/Prague",
+            },
+        }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+    sandbox: MewsSandbox
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if not self.server.sandbox.quiet:
+            super().log_message(format, *args)
+
+    # -- plumbing --
+
+    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None, raw: bytes | None = None) -> None:
+        data = raw if raw is not None else json.dumps(payload, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def do_GET(self) -> None:
+        sb = self.server.sandbox
+        if self.path == "/_sandbox/memberships":
+            self._send(200, sb.memberships())
+        elif self.path == "/_sandbox/stats":
+            self._send(200, sb.stats())
+        else:
+            self._send(404, {"Message": "Not found.", "RequestId": None, "Details": None})
+
+    def do_POST(self) -> None:
+        sb = self.server.sandbox
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if self.path.startswith("/_sandbox/"):
+            self._admin(self.path[len("/_sandbox/") :], raw)
+            return
+        request_id = str(uuid.uuid4())
+        headers = {"Request-Id": request_id}
+        prefix = "/api/connector/v1/"
+        operation = self.path[len(prefix) :] if self.path.startswith(prefix) else ""
+        handlers = {
+            "loyaltyMemberships/add": "add",
+            "loyaltyMemberships/getAll": "getAll",
+            "configuration/get": "configuration",
+        }
+        kind = handlers.get(operation)
+        with sb.state.lock:
+            sb.state.stats[f"requests:{operation or self.path}"] += 1
+        if kind is None:
+            self._send(404, {"Message": "Not found.", "RequestId": request_id, "Details": None}, headers)
+            return
+        try:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise ApiError(400, "Invalid request: the body is not valid JSON.") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "Invalid request: a JSON object is required.")
+            access_token = sb.authenticate(body)
+            sb.check_rate(access_token)
+            fault = sb.next_fault(operation)
+            if fault:
+                with sb.state.lock:
+                    sb.state.stats[f"fault:{fault.split(':')[0]}"] += 1
+                if self._fault_before(fault, request_id, headers):
+                    return
+            if kind == "add":
+                delay = sb.config.add_latency_s * len(body.get("LoyaltyMemberships") or ()) / 1000
+                if delay > 0:
+                    time.sleep(delay)
+                created, answer = sb.add(body)
+                if fault == "drop_before_store":
+                    self._drop()
+                    return
+                sb.state.store(created)
+                with sb.state.lock:
+                    sb.state.stats["added"] += len(created)
+            elif kind == "getAll":
+                if sb.config.getall_latency_s > 0:
+                    time.sleep(sb.config.getall_latency_s)
+                answer = sb.get_all(body)
+            else:
+                answer = sb.configuration()
+            if fault and self._fault_after(fault, answer, headers):
+                return
+            self._send(200, answer, headers)
+        except ApiError as err:
+            with sb.state.lock:
+                sb.state.stats[f"status:{err.status}"] += 1
+            self._send(
+                err.status,
+                {"Message": err.message, "RequestId": request_id, "Details": err.details},
+                {**headers, **err.headers},
+            )
+
+    def _fault_before(self, fault: str, request_id: str, headers: dict[str, str]) -> bool:
+        """Faults answered before any work is done. True when the request is finished."""
+        name, _, arg = fault.partition(":")
+        if name in ("500", "503", "408"):
+            self._send(int(name), {"Message": f"Sandbox fault {name}.", "RequestId": request_id, "Details": None}, headers)
+        elif name == "502html":
+            html = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
+            self.send_response(502)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(html)))
+            self.end_headers()
+            self.wfile.write(html)
+        elif name == "429":
+            self._send(
+                429,
+                {"Message": "Too many requests.", "RequestId": request_id, "Details": None},
+                {**headers, "Retry-After": arg or "1"},
+            )
+        elif name == "429date":
+            when = datetime.fromtimestamp(time.time() + float(arg or 1), timezone.utc)
+            self._send(
+                429,
+                {"Message": "Too many requests.", "RequestId": request_id, "Details": None},
+                {**headers, "Retry-After": format_datetime(when, usegmt=True)},
+            )
+        else:
+            return False
+        return True
+
+    def _fault_after(self, fault: str, answer: dict[str, Any], headers: dict[str, str]) -> bool:
+        """Faults that happen after the work was done (the batch is stored). True when finished."""
+        name, _, arg = fault.partition(":")
+        if name == "drop_after_store":
+            self._drop()
+        elif name == "hang_after_store":
+            time.sleep(float(arg or 60))
+            self._drop()
+        elif name == "empty200":
+            self._send(200, None, headers, raw=b"")
+        elif name == "truncated200":
+            data = json.dumps(answer).encode()
+            self._send(200, None, headers, raw=data[: len(data) // 2])
+        elif name == "fewer200":
+            self._send(200, {**answer, "LoyaltyMemberships": answer.get("LoyaltyMemberships", [])[:-1]}, headers)
+        elif name == "nolist200":
+            self._send(200, {"Cursor": None}, headers)
+        elif name == "wrongtypes200":
+            items = [{**m, "Id": 12345} for m in answer.get("LoyaltyMemberships", [])]
+            self._send(200, {**answer, "LoyaltyMemberships": items}, headers)
+        elif name == "huge200":
+            self._send(200, None, headers, raw=b'{"Padding": "' + b"x" * int(float(arg or 50) * 2**20) + b'"}')
+        elif name == "slow200":
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            pause = float(arg or 5)
+            for i in range(0, len(data), 64):
+                self.wfile.write(data[i : i + 64])
+                self.wfile.flush()
+                time.sleep(pause)
+        else:
+            return False
+        return True
+
+    def _admin(self, action: str, raw: bytes) -> None:
+        sb = self.server.sandbox
+        try:
+            body = json.loads(raw) if raw else {}
+            if action == "reset":
+                sb.reset()
+            elif action == "config":
+                sb.configure(**body)
+            elif action == "tokens":
+                sb.add_tokens(body["ClientToken"], body["AccessToken"])
+            else:
+                self._send(404, {"Message": f"unknown admin action {action}"})
+                return
+        except (ValueError, KeyError, TypeError) as exc:
+            self._send(400, {"Message": str(exc)})
+            return
+        self._send(200, {"ok": True})
+
+
+def _rate(value: str) -> tuple[int, float]:
+    count, _, period = value.partition("/")
+    return int(count), float(period or 30)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="mews-sandbox", description="Local stand-in for the Mews Connector API (loyalty memberships)."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per add of 1000 items")
+    parser.add_argument("--getall-latency", type=float, default=0.0, help="seconds per getAll request")
+    parser.add_argument("--rate-limit", type=_rate, default=(200, 30.0), help="REQUESTS/SECONDS, default 200/30")
+    parser.add_argument("--fault", action="append", default=[], metavar="NAME=RATE",
+                        help=f"inject a fault at a rate, e.g. 500=0.1; names: {', '.join(FAULTS)}")
+    parser.add_argument("--forbid-account", action="append", default=[], help="answer 403 for this AccountId")
+    parser.add_argument("--token", action="append", default=[], metavar="CLIENT:ACCESS",
+                        help="accept this ClientToken:AccessToken pair (the Mews demo pair is always accepted)")
+    parser.add_argument("--state-file", help="persist memberships here (JSON lines) across restarts")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    config = SandboxConfig(
+        add_latency_s=args.latency,
+        getall_latency_s=args.getall_latency,
+        rate_limit_requests=args.rate_limit[0],
+        rate_limit_period_s=args.rate_limit[1],
+        fault_rates={k: float(v) for k, _, v in (f.partition("=") for f in args.fault)},
+        forbidden_accounts={a.lower() for a in args.forbid_account},
+        seed=args.seed,
+    )
+    for pair in args.token:
+        client_token, _, access_token = pair.partition(":")
+        config.tokens.setdefault(client_token, set()).add(access_token)
+    sandbox = MewsSandbox(args.host, args.port, config, state_file=args.state_file, quiet=not args.verbose)
+    print(f"Mews sandbox listening on {sandbox.url}", flush=True)
+    try:
+        sandbox.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
