@@ -1,0 +1,290 @@
+"""One batch of source rows through Mews: check, add, isolate refused rows, reconcile doubt.
+
+A :class:`Batch` is ``batch_size`` consecutive source rows, already normalized (rows that
+could not be are rejected locally and never sent). :class:`BatchSender` takes one batch
+to its end in a worker thread and returns a :class:`BatchResult` that accounts for every
+row: added, skipped_existing, rejected, or unfinished (when the run is stopping).
+It never raises for a Mews error: a fatal one is returned with the partial result, so
+what was already added is always reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from airflow_provider_mews.exceptions import MewsError
+from airflow_provider_mews.memberships import ColumnPlan, RowRejected, normalize, readable_account
+from airflow_provider_mews.outputs import Outcome, Rejection
+from airflow_provider_mews.reconcile import find_existing, find_stored
+
+#: Statuses by which Mews refuses a batch because of (some of) its rows.
+ROW_REFUSALS = (400, 403)
+#: Rounds of "may have been stored -> reconcile -> resend" before giving up to an Airflow retry.
+MAX_DOUBT_ROUNDS = 3
+
+
+@dataclass
+class Batch:
+    index: int
+    first_row: int  # 1-based position of the first source row
+    last_row: int
+    items: list[dict[str, Any]]  # valid memberships, ready to send
+    item_rows: list[int]  # source row of each item
+    rejected: list[Rejection]  # rows that failed normalization
+    fingerprint: str
+
+    @property
+    def size(self) -> int:
+        return self.last_row - self.first_row + 1
+
+
+def build_batch(
+    index: int, first_row: int, plan: ColumnPlan, rows: Sequence[Sequence[Any]], keep_row_json: bool
+) -> Batch:
+    """Normalize a chunk of source rows (pure: no I/O)."""
+    items: list[dict[str, Any]] = []
+    item_rows: list[int] = []
+    rejected: list[Rejection] = []
+    digest = hashlib.blake2b(digest_size=12)
+    for offset, values in enumerate(rows):
+        row_no = first_row + offset
+        try:
+            item = normalize(plan, values)
+        except RowRejected as exc:
+            account = readable_account(plan, values)
+            where = f"row {row_no}" + (f" (AccountId {account})" if account else "")
+            rejected.append(
+                Rejection(
+                    row_no,
+                    account,
+                    exc.field,
+                    f"{where}: {exc}",
+                    None,
+                    _row_json(plan.names, values) if keep_row_json else None,
+                )
+            )
+            digest.update(b"!%d;" % row_no)
+            continue
+        items.append(item)
+        item_rows.append(row_no)
+        digest.update(f"{item['AccountId']}|{item['LoyaltyProgramId']}|{item.get('Code')};".encode())
+    return Batch(
+        index, first_row, first_row + len(rows) - 1, items, item_rows, rejected, digest.hexdigest()
+    )
+
+
+def _row_json(names: Sequence[str], values: Sequence[Any]) -> str:
+    return json.dumps(dict(zip(names, values)), default=str)[:4000]
+
+
+@dataclass
+class BatchResult:
+    batch: Batch
+    outcomes: list[Outcome] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    reconciled: int = 0  # rows found already stored while reconciling
+    error: MewsError | None = None
+
+    @property
+    def added(self) -> int:
+        return sum(1 for o in self.outcomes if o.outcome == "added")
+
+    @property
+    def skipped(self) -> int:
+        return sum(1 for o in self.outcomes if o.outcome == "skipped_existing")
+
+    @property
+    def unfinished(self) -> int:
+        """Rows not taken to an end because the run is stopping or Mews failed."""
+        return self.batch.size - len(self.outcomes) - len(self.rejected)
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None and self.unfinished == 0
+
+
+class RejectionBudget:
+    """Rows that may be rejected before the run stops; shared by all worker threads."""
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = allowed
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def spend(self, count: int) -> None:
+        with self._lock:
+            self.used += count
+
+    @property
+    def exceeded(self) -> bool:
+        return self.used > self.allowed
+
+
+class StopRun(Exception):
+    """Internal: the run is stopping; leave the rest of this batch unfinished."""
+
+
+class BatchSender:
+    """Takes batches through Mews with one hook; safe to call from several threads."""
+
+    def __init__(
+        self,
+        hook: Any,
+        *,
+        if_exists: str,
+        chain_id: str | None,
+        budget: RejectionBudget,
+        stop: threading.Event,
+        clock_skew: timedelta = timedelta(minutes=5),
+        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
+        self.hook = hook
+        self.if_exists = if_exists
+        self.chain_id = chain_id
+        self.budget = budget
+        self.stop = stop
+        self.clock_skew = clock_skew
+        self.now = now
+
+    def run(self, batch: Batch, stored_since: datetime | None = None) -> BatchResult:
+        """Take ``batch`` to its end. ``stored_since``: an earlier try may have sent it since then."""
+        result = BatchResult(batch, rejected=list(batch.rejected))
+        pending = list(range(len(batch.items)))
+        try:
+            if stored_since is not None and pending:
+                found = find_stored(self.hook, batch.items, stored_since - self.clock_skew, self._until())
+                self._take(result, pending, found, "added")
+                result.reconciled += len(found)
+            if self.if_exists == "skip" and pending:
+                pending = self._drop_duplicates(batch, pending, result)
+                existing = find_existing(self.hook, [batch.items[p] for p in pending])
+                self._take(result, pending, {pending[i]: mid for i, mid in existing.items()}, "skipped_existing")
+            self._send(result, pending)
+        except StopRun:
+            pass
+        except MewsError as exc:
+            result.error = exc
+        return result
+
+    def _until(self) -> datetime:
+        return self.now() + self.clock_skew
+
+    @staticmethod
+    def _take(result: BatchResult, pending: list[int], found: dict[int, str], outcome: str) -> None:
+        if not found:
+            return
+        batch = result.batch
+        for pos in sorted(found):
+            item = batch.items[pos]
+            result.outcomes.append(
+                Outcome(
+                    batch.item_rows[pos],
+                    item["AccountId"],
+                    item["LoyaltyProgramId"],
+                    item.get("Code"),
+                    found[pos],
+                    outcome,
+                )
+            )
+        pending[:] = [p for p in pending if p not in found]
+
+    @staticmethod
+    def _drop_duplicates(batch: Batch, pending: list[int], result: BatchResult) -> list[int]:
+        """With if_exists="skip", a second row for the same account and program is not added."""
+        first: dict[tuple[str, str], int] = {}
+        keep: list[int] = []
+        for pos in pending:
+            item = batch.items[pos]
+            key = (item["AccountId"], item["LoyaltyProgramId"])
+            if key in first:
+                result.outcomes.append(
+                    Outcome(batch.item_rows[pos], key[0], key[1], item.get("Code"), None, "skipped_existing")
+                )
+            else:
+                first[key] = pos
+                keep.append(pos)
+        return keep
+
+    def _send(self, result: BatchResult, pending: list[int]) -> None:
+        """Add ``pending``; on a refusal split it to isolate the refused rows; reconcile doubt."""
+        stack = [list(pending)]
+        while stack:
+            group = stack.pop()
+            if self.stop.is_set():
+                raise StopRun
+            outcome = self._add_group(result, group)
+            if outcome is None:
+                self._remove(pending, group)
+                continue
+            error = outcome
+            if len(group) == 1:
+                self._reject(result, group[0], error)
+                self._remove(pending, group)
+                if self.budget.exceeded:
+                    self.stop.set()
+            else:
+                half = len(group) // 2
+                stack.extend([group[half:], group[:half]])
+
+    def _add_group(self, result: BatchResult, group: list[int]) -> MewsError | None:
+        """Add one group. None when every row of it is accounted for; the refusal otherwise."""
+        batch = result.batch
+        remaining = list(group)
+        for _round in range(MAX_DOUBT_ROUNDS + 1):
+            sent_at = self.now()
+            try:
+                created = self.hook.add_loyalty_memberships(
+                    [batch.items[p] for p in remaining], chain_id=self.chain_id
+                )
+            except MewsError as exc:
+                if exc.status in ROW_REFUSALS and not exc.may_have_been_processed:
+                    if len(remaining) < len(group):
+                        # A resend after reconciling was refused: isolate among the rows left.
+                        self._send(result, remaining)
+                        return None
+                    return exc
+                if not exc.may_have_been_processed:
+                    raise
+                found = find_stored(
+                    self.hook, [batch.items[p] for p in remaining], sent_at - self.clock_skew, self._until()
+                )
+                mapped = {remaining[i]: mid for i, mid in found.items()}
+                self._take(result, remaining, mapped, "added")
+                result.reconciled += len(mapped)
+                if not remaining:
+                    return None
+                continue
+            self._take(result, remaining, {p: m["Id"] for p, m in zip(remaining, created)}, "added")
+            return None
+        raise MewsError(
+            f"a batch stayed in doubt after {MAX_DOUBT_ROUNDS} reconcile rounds; Airflow's retry will resume it",
+            operation="loyaltyMemberships/add",
+        )
+
+    @staticmethod
+    def _remove(pending: list[int], group: list[int]) -> None:
+        done = set(group)
+        pending[:] = [p for p in pending if p not in done]
+
+    def _reject(self, result: BatchResult, pos: int, error: MewsError) -> None:
+        batch = result.batch
+        item = batch.items[pos]
+        row_no = batch.item_rows[pos]
+        status = f"HTTP {error.status}" if error.status else "refused"
+        result.rejected.append(
+            Rejection(
+                row_no,
+                item["AccountId"],
+                None,
+                f"row {row_no} (AccountId {item['AccountId']}): Mews refused it ({status}): {error.message}",
+                error.request_id,
+                json.dumps(item),
+            )
+        )
+        self.budget.spend(1)

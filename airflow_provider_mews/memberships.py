@@ -1,0 +1,308 @@
+"""Source rows to Mews ``LoyaltyMembershipAddParameters``: pure functions, no I/O.
+
+A warehouse row arrives with whatever column names and types its database has. Here it
+becomes exactly the JSON object the Mews contract accepts, or a :class:`RowRejected`
+naming the field and saying how to fix it. Nothing else can come out, so nothing invalid
+is ever sent and no unknown field reaches Mews.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import re
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import pendulum
+
+#: Mews fields of a membership to add, in the order they are documented.
+MEWS_FIELDS = (
+    "AccountId",
+    "LoyaltyProgramId",
+    "IsPrimary",
+    "State",
+    "Code",
+    "Points",
+    "ExpirationDate",
+    "Url",
+    "LoyaltyTierId",
+)
+REQUIRED_FIELDS = ("AccountId", "LoyaltyProgramId", "IsPrimary")
+STATES = ("New", "Pending", "Enrolled", "Canceled", "Declined")
+#: Source names that mean a Mews field under another name (MembershipNumber replaced Code).
+SYNONYMS = {"membershipnumber": "Code"}
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+CODE_MAX = 255
+
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_TRUE = frozenset({"true", "t", "yes", "y", "1"})
+_FALSE = frozenset({"false", "f", "no", "n", "0"})
+_STATE_BY_KEY = {s.lower(): s for s in STATES}
+_FIELD_BY_KEY = {f.lower(): f for f in MEWS_FIELDS}
+
+
+class RowRejected(ValueError):
+    """A row that cannot become a valid membership. ``field`` is the Mews field at fault."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "").replace(" ", "").replace("-", "").lower()
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """Which source column feeds which Mews field; built once per column layout."""
+
+    #: (position in the source row, Mews field, normalizer) for every used column.
+    columns: tuple[tuple[int, str, Callable[[Any], Any]], ...]
+    ignored: tuple[str, ...]
+    names: tuple[str, ...]
+
+    def position_of(self, field: str) -> int | None:
+        for pos, name, _ in self.columns:
+            if name == field:
+                return pos
+        return None
+
+
+def plan_columns(names: Sequence[str], field_map: Mapping[str, str] | None = None) -> ColumnPlan:
+    """Match source column names to Mews fields (case/underscore-insensitive, then ``field_map``).
+
+    Raises ``ValueError`` for a configuration that can only be fixed by the user: a
+    ``field_map`` target that is not a Mews field, two columns feeding one field, or a
+    required field that no column provides.
+    """
+    explicit: dict[str, str] = {}
+    for source, target in (field_map or {}).items():
+        field = _FIELD_BY_KEY.get(_key(target)) or SYNONYMS.get(_key(target))
+        if field is None:
+            raise ValueError(
+                f"field_map[{source!r}] = {target!r} is not a Mews field; use one of {', '.join(MEWS_FIELDS)}"
+            )
+        explicit[source] = field
+    lowered_names = {n.lower(): n for n in names}
+    for source in explicit:
+        if source not in names and source.lower() not in lowered_names:
+            raise ValueError(
+                f"field_map names column {source!r}, which the source does not have "
+                f"(columns: {', '.join(names)})"
+            )
+    explicit_lower = {s.lower(): f for s, f in explicit.items()}
+    used: dict[str, str] = {}
+    columns: list[tuple[int, str, Callable[[Any], Any]]] = []
+    ignored: list[str] = []
+    for pos, name in enumerate(names):
+        field = explicit_lower.get(name.lower())
+        if field is None:
+            field = _FIELD_BY_KEY.get(_key(name)) or SYNONYMS.get(_key(name))
+        if field is None:
+            ignored.append(name)
+            continue
+        if field in used:
+            raise ValueError(
+                f"columns {used[field]!r} and {name!r} both map to Mews field {field}; "
+                "drop one from the query or map one elsewhere with field_map"
+            )
+        used[field] = name
+        columns.append((pos, field, NORMALIZERS[field]))
+    missing = [f for f in REQUIRED_FIELDS if f not in used]
+    if missing:
+        raise ValueError(
+            f"no source column provides the required Mews field(s) {', '.join(missing)} "
+            f"(columns: {', '.join(names) or 'none'}); rename the columns or set field_map"
+        )
+    return ColumnPlan(tuple(columns), tuple(ignored), tuple(names))
+
+
+def normalize(plan: ColumnPlan, values: Sequence[Any]) -> dict[str, Any]:
+    """One source row (values in ``plan.names`` order) to a Mews membership, or RowRejected."""
+    out: dict[str, Any] = {}
+    for pos, field, fn in plan.columns:
+        value = values[pos]
+        if value is None or value == "":
+            if field in REQUIRED_FIELDS:
+                raise RowRejected(field, "is required but empty")
+            continue
+        try:
+            out[field] = fn(value)
+        except RowRejected:
+            raise
+        except (ValueError, TypeError, ArithmeticError, OverflowError) as exc:
+            raise RowRejected(field, f"{_show(value)} is not valid ({exc})") from None
+    return out
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- one normalizer per field: value (not None/"") -> JSON value, or raise RowRejected --
+
+
+def to_uuid(field: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if isinstance(value, str):
+            if _UUID_RE.fullmatch(value):
+                return value.lower()
+            try:
+                return str(uuid.UUID(value.strip()))
+            except ValueError:
+                pass
+        elif isinstance(value, uuid.UUID):
+            return str(value)
+        elif isinstance(value, bytes) and len(value) == 16:
+            return str(uuid.UUID(bytes=value))
+        raise RowRejected(field, f"{_show(value)} is not a UUID (like 3fa85f64-5717-4562-b3fc-2c963f66afa6)")
+
+    return convert
+
+
+def to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, decimal.Decimal)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, float) and value in (0.0, 1.0):
+        return bool(value)
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in _TRUE:
+            return True
+        if key in _FALSE:
+            return False
+    raise RowRejected("IsPrimary", f"{_show(value)} is not a boolean (use true/false, 1/0 or yes/no)")
+
+
+def to_state(value: Any) -> str:
+    if isinstance(value, str):
+        state = _STATE_BY_KEY.get(value.strip().lower())
+        if state is not None:
+            return state
+    raise RowRejected("State", f"{_show(value)} is not one of {', '.join(STATES)}")
+
+
+def to_points(value: Any) -> int:
+    if isinstance(value, bool):
+        raise RowRejected("Points", f"{_show(value)} is a boolean, not a number of points")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, decimal.Decimal):
+        if not value.is_finite() or value != value.to_integral_value():
+            raise RowRejected("Points", f"{_show(value)} is not a whole number")
+        number = int(value)
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise RowRejected("Points", f"{_show(value)} is not a whole number")
+        number = int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if not (text.lstrip("+-").isdigit() and text.isascii()):
+            raise RowRejected("Points", f"{_show(value)} is not a whole number")
+        number = int(text)
+    else:
+        raise RowRejected("Points", f"{_show(value)} is not a whole number")
+    if not INT32_MIN <= number <= INT32_MAX:
+        raise RowRejected("Points", f"{number} is outside the 32-bit integer range")
+    return number
+
+
+def to_expiration(value: Any) -> str:
+    """A date (or datetime in any zone, converted to UTC) as the UTC midnight Mews documents."""
+    if isinstance(value, dt.datetime):
+        moment = pendulum.instance(value) if value.tzinfo else pendulum.instance(value, tz="UTC")
+        day = moment.in_timezone("UTC").date()
+    elif isinstance(value, dt.date):
+        day = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if len(text) == 10:
+            try:
+                return f"{dt.date.fromisoformat(text).isoformat()}T00:00:00Z"
+            except ValueError:
+                pass
+        try:
+            parsed = pendulum.parse(text, strict=False)
+        except (ValueError, TypeError):
+            raise RowRejected(
+                "ExpirationDate", f"{_show(value)} is not an ISO 8601 date (like 2029-12-24)"
+            ) from None
+        if isinstance(parsed, pendulum.DateTime):
+            if len(text) > 10:
+                parsed = parsed.in_timezone("UTC")
+            day = parsed.date()
+        elif isinstance(parsed, pendulum.Date):
+            day = parsed
+        else:
+            raise RowRejected("ExpirationDate", f"{_show(value)} is not a date")
+    else:
+        raise RowRejected("ExpirationDate", f"{_show(value)} is not a date")
+    return f"{day.isoformat()}T00:00:00Z"
+
+
+def to_url(value: Any) -> str:
+    if isinstance(value, str):
+        text = value.strip()
+        parts = urlsplit(text)
+        if parts.scheme and parts.netloc and " " not in text:
+            return text
+    raise RowRejected("Url", f"{_show(value)} is not an absolute URL (like https://rewards.example.com/m/1)")
+
+
+def to_code(value: Any) -> str:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, (int, decimal.Decimal)) and not isinstance(value, bool):
+        text = str(value)
+    else:
+        raise RowRejected("Code", f"{_show(value)} is not a text code")
+    if len(text) > CODE_MAX:
+        raise RowRejected("Code", f"is {len(text)} characters long; Mews accepts at most {CODE_MAX}")
+    return text
+
+
+NORMALIZERS: dict[str, Callable[[Any], Any]] = {
+    "AccountId": to_uuid("AccountId"),
+    "LoyaltyProgramId": to_uuid("LoyaltyProgramId"),
+    "IsPrimary": to_bool,
+    "State": to_state,
+    "Code": to_code,
+    "Points": to_points,
+    "ExpirationDate": to_expiration,
+    "Url": to_url,
+    "LoyaltyTierId": to_uuid("LoyaltyTierId"),
+}
+
+
+def identity(membership: Mapping[str, Any]) -> tuple[str, str, str | None]:
+    """What makes two memberships "the same" when reconciling: account, program, code."""
+    return (
+        membership["AccountId"].lower(),
+        membership["LoyaltyProgramId"].lower(),
+        membership.get("Code") or membership.get("MembershipNumber") or None,
+    )
+
+
+def readable_account(plan: ColumnPlan, values: Sequence[Any]) -> str | None:
+    """The row's AccountId as text, for rejection reasons, when there is one."""
+    pos = plan.position_of("AccountId")
+    if pos is None:
+        return None
+    value = values[pos]
+    return None if value is None else str(value)[:64]
+
+
+def column_names(rows: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    return tuple(names)

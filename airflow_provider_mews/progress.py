@@ -1,0 +1,98 @@
+"""Counting every row to an outcome, progress lines, and the run's small summary (its XCom)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_mews.outputs import Rejection
+
+
+@dataclass
+class RunTally:
+    """rows_read = added + skipped_existing + rejected + not_reached, always."""
+
+    sample_size: int = 20
+    rows_read: int = 0
+    added: int = 0
+    skipped_existing: int = 0
+    rejected: int = 0
+    not_reached: int = 0
+    reconciled: int = 0
+    resumed_batches: int = 0  # batches done by an earlier try, skipped without a request
+    reasons: Counter[str] = field(default_factory=Counter)
+    sample: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    _last_log: float = field(default_factory=time.monotonic)
+
+    def reject(self, rejections: list[Rejection]) -> None:
+        self.rejected += len(rejections)
+        for r in rejections:
+            self.reasons[_reason_kind(r)] += 1
+            if len(self.sample) < self.sample_size:
+                self.sample.append(r.short())
+
+    @property
+    def done(self) -> int:
+        return self.added + self.skipped_existing + self.rejected
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def due(self, interval_s: float) -> bool:
+        now = time.monotonic()
+        if now - self._last_log >= interval_s:
+            self._last_log = now
+            return True
+        return False
+
+    def progress_line(self, total: int | None, rate_limited: int, rate_wait_s: float) -> str:
+        elapsed = max(self.elapsed(), 1e-9)
+        rate = self.done / elapsed
+        line = (
+            f"progress: {self.done} rows done ({self.added} added, {self.skipped_existing} skipped, "
+            f"{self.rejected} rejected) of {total if total is not None else self.rows_read} read, "
+            f"{rate:.0f} rows/s, {rate_limited} x 429 ({rate_wait_s:.1f} s waited)"
+        )
+        if total and rate > 0:
+            line += f", ETA {max(0.0, (total - self.done) / rate):.0f} s"
+        return line
+
+    def summary(self, **extra: Any) -> dict[str, Any]:
+        duration = self.elapsed()
+        return {
+            "rows_read": self.rows_read,
+            "added": self.added,
+            "skipped_existing": self.skipped_existing,
+            "rejected": self.rejected,
+            "not_reached": self.not_reached,
+            "reconciled": self.reconciled,
+            "resumed_batches": self.resumed_batches,
+            "duration_s": round(duration, 3),
+            "rows_per_s": round(self.done / duration, 1) if duration > 0 else 0.0,
+            "rejection_reasons": dict(self.reasons.most_common(10)),
+            "rejected_sample": self.sample,
+            **extra,
+        }
+
+
+def _reason_kind(rejection: Rejection) -> str:
+    if rejection.field:
+        return f"invalid {rejection.field}"
+    reason = rejection.reason
+    _, _, tail = reason.partition("Mews refused it ")
+    return f"Mews refused: {tail[:120]}" if tail else reason[:120]
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    keys = (
+        "rows_read", "added", "skipped_existing", "rejected", "not_reached", "reconciled",
+        "resumed_batches", "requests", "rate_limited", "duration_s", "rows_per_s",
+    )  # fmt: skip
+    width = max(len(k) for k in keys)
+    lines = [f"  {k.ljust(width)}  {summary[k]}" for k in keys if k in summary]
+    for reason, count in summary.get("rejection_reasons", {}).items():
+        lines.append(f"  rejected: {count} x {reason}")
+    return "\n".join(["Mews loyalty memberships summary:", *lines])

@@ -1,0 +1,139 @@
+"""Where membership rows come from: a list (XCom, template) or a SQL table/query, streamed.
+
+A source yields chunks of rows as value tuples in the order of ``columns``. SQL sources
+read with ``fetchmany`` on a cursor (a server-side cursor on PostgreSQL), so memory does
+not grow with the table.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from airflow_provider_mews.memberships import column_names
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*){0,2}$")
+
+
+class SourceError(ValueError):
+    """The source cannot be read as configured; raised before anything is sent."""
+
+
+def rows_from_value(value: Any) -> list[Mapping[str, Any]]:
+    """Accept what ``memberships=`` may hold after templating: a list of mappings (or its text)."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text)
+        except ValueError:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise SourceError(
+                    "memberships rendered to text that is neither JSON nor a Python literal list of dicts; "
+                    "return a list from the upstream task or set render_template_as_native_obj=True"
+                ) from None
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise SourceError(f"memberships must be a list of dicts (one per membership), got {type(value).__name__}")
+    for i, row in enumerate(value):
+        if not isinstance(row, Mapping):
+            raise SourceError(
+                f"memberships[{i}] is a {type(row).__name__}, not a dict of column -> value; "
+                "each membership must be a dict such as {'AccountId': ..., 'LoyaltyProgramId': ..., 'IsPrimary': True}"
+            )
+    return list(value)
+
+
+class ListSource:
+    """Rows already in memory (an upstream task's XCom)."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], chunk_size: int) -> None:
+        self.rows = rows
+        self.chunk_size = chunk_size
+        self.columns = column_names(rows)
+        self.total: int | None = len(rows)
+        self.description = f"{len(rows)} rows from memberships="
+
+    def chunks(self) -> Iterator[list[tuple[Any, ...]]]:
+        cols = self.columns
+        for start in range(0, len(self.rows), self.chunk_size):
+            yield [tuple(row.get(c) for c in cols) for row in self.rows[start : start + self.chunk_size]]
+
+    def close(self) -> None:
+        pass
+
+
+def quote_table(table: str) -> str:
+    if not _IDENTIFIER.match(table):
+        raise SourceError(
+            f"table {table!r} is not a plain table name (letters, digits, _ and up to two dots); "
+            "use sql= for anything else"
+        )
+    return table
+
+
+class SqlSource:
+    """Rows of a table or query on any common-sql connection, read with a streaming cursor."""
+
+    def __init__(self, hook: Any, *, table: str | None, sql: str | None, chunk_size: int) -> None:
+        if (table is None) == (sql is None):
+            raise SourceError("give exactly one of table= or sql= with sql_conn_id")
+        self.hook = hook
+        self.sql = sql if sql is not None else f"SELECT * FROM {quote_table(table or '')}"
+        self.table = table
+        self.chunk_size = chunk_size
+        self.total: int | None = None
+        self.description = f"table {table}" if table else "sql query"
+        self._conn: Any = None
+        self._cursor: Any = None
+        self.columns: tuple[str, ...] = ()
+
+    def open(self) -> None:
+        self._conn = self.hook.get_conn()
+        self._cursor = self._server_side_cursor() or self._conn.cursor()
+        try:
+            self._cursor.execute(self.sql)
+        except Exception as exc:
+            self.close()
+            raise SourceError(
+                f"the source query failed on connection {self.hook.get_conn_id()!r}: "
+                f"{type(exc).__name__}: {str(exc).strip()[:500]}"
+            ) from exc
+        if self._cursor.description is None:
+            self.close()
+            raise SourceError("the source query returned no result set; it must be a SELECT")
+        self.columns = tuple(str(d[0]) for d in self._cursor.description)
+
+    def _server_side_cursor(self) -> Any:
+        """A named (server-side) cursor on PostgreSQL, so the server streams the rows."""
+        module = type(self._conn).__module__
+        if module.startswith("psycopg2"):
+            cursor = self._conn.cursor(name="mews_membership_source")
+            cursor.itersize = self.chunk_size
+            return cursor
+        if module.startswith("psycopg"):
+            return self._conn.cursor(name="mews_membership_source")
+        return None
+
+    def chunks(self) -> Iterator[list[tuple[Any, ...]]]:
+        if self._cursor is None:
+            self.open()
+        while True:
+            rows = self._cursor.fetchmany(self.chunk_size)
+            if not rows:
+                return
+            yield [tuple(r) for r in rows]
+
+    def close(self) -> None:
+        for obj in (self._cursor, self._conn):
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception:
+                    pass
+        self._cursor = self._conn = None

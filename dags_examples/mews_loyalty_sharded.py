@@ -1,0 +1,43 @@
+"""A large table split into shards, one mapped task each, all sharing one Airflow pool.
+
+This is how the job scales out on Celery or Kubernetes executors: each shard is an
+independent, retryable task instance with its own checkpoint. The pool caps how many
+shards talk to Mews at once; with several worker processes sharing one AccessToken, set
+the connection's ``extra.rate_limit_requests`` to 200 divided by the pool's slots so the
+client-side limiters add up to Mews's limit (429s are honoured either way).
+"""
+
+from __future__ import annotations
+
+import pendulum
+
+from airflow_provider_mews.operators.loyalty_memberships import LoyaltyMembershipAddOperator
+
+try:
+    from airflow.sdk import DAG
+except ImportError:  # Airflow 2.11
+    from airflow import DAG  # type: ignore[no-redef,attr-defined]
+
+SHARDS = 4
+
+with DAG(
+    dag_id="mews_loyalty_sharded",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    tags=["mews", "example"],
+):
+    LoyaltyMembershipAddOperator.partial(
+        task_id="add_shard",
+        mews_conn_id="mews_default",
+        sql_conn_id="mews_demo_sqlite",
+        pool="mews_api",
+        max_rejected_rows=100,
+        results_table="mews_membership_results",
+        rejections_table="mews_membership_rejections",
+    ).expand(
+        sql=[
+            f"SELECT * FROM loyalty_members WHERE member_id % {SHARDS} = {shard} ORDER BY member_id"
+            for shard in range(SHARDS)
+        ]
+    )
