@@ -91,11 +91,15 @@ class SqlSource:
         self.description = f"table {table}" if table else "sql query"
         self._conn: Any = None
         self._cursor: Any = None
+        self._server_side = False
+        self._first: list[Any] | None = None
         self.columns: tuple[str, ...] = ()
 
     def open(self) -> None:
         self._conn = self.hook.get_conn()
-        self._cursor = self._server_side_cursor() or self._conn.cursor()
+        server_cursor = self._server_side_cursor()
+        self._server_side = server_cursor is not None
+        self._cursor = server_cursor or self._conn.cursor()
         try:
             self._cursor.execute(self.sql)
         except Exception as exc:
@@ -104,6 +108,10 @@ class SqlSource:
                 f"the source query failed on connection {self.hook.get_conn_id()!r}: "
                 f"{type(exc).__name__}: {str(exc).strip()[:500]}"
             ) from exc
+        self._first: list[Any] | None = None
+        if self._cursor.description is None and self._server_side:
+            # A psycopg2 named cursor describes its columns only after the first fetch.
+            self._first = self._cursor.fetchmany(self.chunk_size)
         if self._cursor.description is None:
             self.close()
             raise SourceError("the source query returned no result set; it must be a SELECT")
@@ -123,11 +131,14 @@ class SqlSource:
     def chunks(self) -> Iterator[list[tuple[Any, ...]]]:
         if self._cursor is None:
             self.open()
+        if self._first:
+            yield self._first
+        self._first = None
         while True:
             rows = self._cursor.fetchmany(self.chunk_size)
             if not rows:
                 return
-            yield [tuple(r) for r in rows]
+            yield rows
 
     def close(self) -> None:
         for obj in (self._cursor, self._conn):

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Debian packages the tests need: PostgreSQL (real SQL source) and Chromium (UI test).
+set -euo pipefail
+need=()
+command -v make >/dev/null || need+=(make)
+[ -x /usr/lib/postgresql/*/bin/initdb ] 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v chromium >/dev/null || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
