@@ -1,10 +1,11 @@
 # The two commands of the README: `make demo` (the main job) and `make test` (the tests).
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-smoke clean
+.PHONY: demo test test-only lint bench bench-smoke clean
 
 $(STAMP): pyproject.toml constraints/airflow-3.3.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,9 +14,13 @@ $(STAMP): pyproject.toml constraints/airflow-3.3.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m dags_examples.demo
+	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
+	bash .ci/system-deps.sh
+	. .ci/services.sh && $(MAKE) --no-print-directory test-only
+
+test-only: $(STAMP)
 	$(BIN)/ruff check airflow_provider_mews dags_examples tests benchmarks
 	$(BIN)/ruff format --check airflow_provider_mews dags_examples tests benchmarks
 	$(BIN)/mypy

@@ -17,10 +17,11 @@ AIRFLOW_V_3_2_PLUS = get_base_airflow_version_tuple() >= (3, 2, 0)
 AIRFLOW_V_3_3_PLUS = get_base_airflow_version_tuple() >= (3, 3, 0)
 
 if AIRFLOW_V_3_0_PLUS:
-    from airflow.sdk import BaseHook, BaseOperator
+    from airflow.sdk import Asset, BaseHook, BaseOperator
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
     from airflow.sdk.log import mask_secret
 else:  # Airflow 2.11
+    from airflow.datasets import Dataset as Asset  # type: ignore[no-redef]
     from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
     from airflow.hooks.base import BaseHook  # type: ignore[no-redef]
     from airflow.models import BaseOperator  # type: ignore[no-redef,assignment]
@@ -30,6 +31,7 @@ __all__ = [
     "AIRFLOW_V_3_0_PLUS",
     "AirflowException",
     "AirflowFailException",
+    "Asset",
     "AIRFLOW_V_3_2_PLUS",
     "AIRFLOW_V_3_3_PLUS",
     "BaseHook",

@@ -440,10 +440,13 @@ class MewsConnectorHook(BaseHook):
                 status=200,
                 operation=operation,
             )
-        for item in created:
+        for sent, item in zip(memberships, created):
             if not isinstance(item, dict) or not isinstance(item.get("Id"), str):
+                raise MewsResponseError("a created membership has no Id", status=200, operation=operation)
+            if str(item.get("AccountId", "")).lower() != str(sent["AccountId"]).lower():
+                # Ids could not be paired with rows safely: let the caller reconcile instead.
                 raise MewsResponseError(
-                    "a created membership has no Id", status=200, operation=operation
+                    "created memberships do not come back in the order sent", status=200, operation=operation
                 )
         return created
 

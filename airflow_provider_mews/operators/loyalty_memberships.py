@@ -19,6 +19,7 @@ from airflow_provider_mews.batches import BatchResult, BatchSender, RejectionBud
 from airflow_provider_mews.checkpoint import Checkpoint, StateStore
 from airflow_provider_mews.exceptions import MewsConfigurationError, MewsError
 from airflow_provider_mews.hooks.mews import MewsConnectorHook, validate_uuid
+from airflow_provider_mews.lineage import loyalty_memberships_asset, openlineage_facets
 from airflow_provider_mews.memberships import ColumnPlan, plan_columns
 from airflow_provider_mews.outputs import FileOutput, RunKey, TableOutput
 from airflow_provider_mews.progress import RunTally, summary_table
@@ -101,6 +102,7 @@ class LoyaltyMembershipAddOperator(BaseOperator):
         kwargs.setdefault("retries", 3)
         kwargs.setdefault("retry_delay", timedelta(seconds=30))
         kwargs.setdefault("retry_exponential_backoff", True)
+        kwargs.setdefault("outlets", [loyalty_memberships_asset(mews_conn_id)])
         super().__init__(**kwargs)
         self.mews_conn_id = mews_conn_id
         self.memberships = memberships
@@ -360,6 +362,14 @@ class LoyaltyMembershipAddOperator(BaseOperator):
                 f"Rejected rows: {summary['rejections'] or 'see rejected_sample in the mews_summary XCom'}."
             )
         return summary
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """Inputs (the source table or query) and outputs (Mews loyalty memberships) for OpenLineage."""
+        from airflow_provider_mews.version_compat import BaseHook
+
+        sql_conn = BaseHook.get_connection(self.sql_conn_id) if self.sql_conn_id else None
+        base_url = MewsConnectorHook(self.mews_conn_id).settings.base_url
+        return openlineage_facets(mews_base_url=base_url, sql_conn=sql_conn, table=self.table, sql=self.sql)
 
     def _push_summary(self, context: Any, summary: dict[str, Any]) -> None:
         """The summary is an XCom even when the task fails, so nothing needs the logs."""
