@@ -213,7 +213,7 @@ class BatchSender:
 
     def _send(self, result: BatchResult, pending: list[int]) -> None:
         """Add ``pending``; on a refusal split it to isolate the refused rows; reconcile doubt."""
-        stack = [list(pending)]
+        stack = [list(pending)] if pending else []  # all found stored or existing: nothing to add
         while stack:
             group = stack.pop()
             if self.stop.is_set():

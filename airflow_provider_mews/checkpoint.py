@@ -85,6 +85,11 @@ class Checkpoint:
                 resumed=True,
                 _store=store,
             )
+        if saved:
+            # Batches of another size can't be matched: reconcile every batch instead.
+            resumed = cls(since=saved["since"], batch_size=batch_size, dispatched=2**62, resumed=True, _store=store)
+            resumed.flush(force=True)
+            return resumed
         checkpoint = cls(since=since, batch_size=batch_size, _store=store)
         checkpoint.flush(force=True)
         return checkpoint

@@ -231,7 +231,9 @@ def to_expiration(value: Any) -> str:
             except ValueError:
                 pass
         try:
-            parsed = pendulum.parse(text, strict=False)
+            # ISO 8601 only (strict): "01/02/2029" is February in Europe and January in the US;
+            # exact: a time alone ("10:00") stays a Time and is refused instead of becoming today.
+            parsed = pendulum.parse(text, strict=True, exact=True)
         except (ValueError, TypeError):
             raise RowRejected(
                 "ExpirationDate", f"{_show(value)} is not an ISO 8601 date (like 2029-12-24)"

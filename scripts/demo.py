@@ -98,19 +98,29 @@ def report(url: str) -> None:
     conn = sqlite3.connect(DB)
     try:
         read = conn.execute("SELECT COUNT(*) FROM loyalty_members").fetchone()[0]
-        outcomes = dict(conn.execute("SELECT outcome, COUNT(*) FROM mews_membership_results GROUP BY outcome"))
-        rejections = conn.execute("SELECT source_row, reason FROM mews_membership_rejections ORDER BY source_row")
-        rejections = rejections.fetchall()
+        # Outcome tables keep every run; report the one that just ran.
+        run_id = conn.execute(
+            "SELECT run_id FROM (SELECT run_id, rowid AS r FROM mews_membership_results UNION ALL "
+            "SELECT run_id, rowid FROM mews_membership_rejections) ORDER BY r DESC LIMIT 1"
+        ).fetchone()[0]
+        outcomes = dict(
+            conn.execute(
+                "SELECT outcome, COUNT(*) FROM mews_membership_results WHERE run_id = ? GROUP BY outcome", (run_id,)
+            )
+        )
+        rejections = conn.execute(
+            "SELECT reason FROM mews_membership_rejections WHERE run_id = ? ORDER BY source_row", (run_id,)
+        ).fetchall()
     finally:
         conn.close()
-    print("\n=== Demo result ===")
+    print(f"\n=== Demo result of {run_id} ===")
     print(f"rows in loyalty_members:        {read}")
     print(f"added to Mews (results table):  {outcomes.get('added', 0)}")
     print(f"already in Mews, skipped:       {outcomes.get('skipped_existing', 0)}")
     print(f"rejected with a reason:         {len(rejections)}")
-    for row, reason in rejections:
+    for (reason,) in rejections:
         print(f"  - {reason}")
-    print(f"memberships the sandbox holds:  {stats.get('stored')}")
+    print(f"memberships the sandbox holds:  {stats.get('stored')} (all runs; it keeps them in .demo/)")
     print(f"requests served by the sandbox: {sum(v for k, v in stats.items() if k.startswith('requests:'))}")
     print("Details: .demo/members.db tables mews_membership_results and mews_membership_rejections.")
 

@@ -53,6 +53,9 @@ MAX_FILTER_ITEMS = 1000
 DEFAULT_CLIENT = f"airflow-provider-mews {__version__}"
 DEFAULT_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
+#: Largest answer read (a 1000-item page is under 1 MiB): a broken or hostile server cannot fill memory.
+MAX_RESPONSE_BYTES = 32 * 2**20
+_READ_CHUNK = 64 * 1024
 #: The cheap authenticated call behind "Test connection".
 TEST_OPERATION = "configuration/get"
 
@@ -319,12 +322,23 @@ class MewsConnectorHook(BaseHook):
                     operation=operation,
                 )
             self.stats.add(requests=1)
+            sent_at = time.monotonic()
             try:
-                response = self.session.post(url, data=data, timeout=(CONNECT_TIMEOUT_S, s.timeout_s))
+                response = self.session.post(
+                    url, data=data, timeout=(CONNECT_TIMEOUT_S, s.timeout_s), stream=True
+                )
+                complete = _read_body(response, sent_at + s.timeout_s)
             except requests.RequestException as exc:
                 error: MewsError = self._transport_error(exc, operation, idempotent)
             else:
                 if response.status_code == 200:
+                    if not complete:
+                        raise MewsResponseError(
+                            f"HTTP 200 with a body larger than {MAX_RESPONSE_BYTES} bytes; not read further",
+                            status=200,
+                            request_id=response.headers.get("Request-Id"),
+                            operation=operation,
+                        )
                     return self._decode(response, operation)
                 error = self._http_error(response, operation, idempotent)
             wait = self._wait_before_retry(error, idempotent, failures, deadline)
@@ -515,6 +529,44 @@ class MewsConnectorHook(BaseHook):
         name = enterprise.get("Name") if isinstance(enterprise, dict) else None
         who = f" enterprise '{name}'" if name else ""
         return True, f"Connected to Mews at {s.base_url}{who} as client '{s.client}'."
+
+
+def _read_body(response: requests.Response, deadline: float) -> bool:
+    """Read a streamed answer into ``response`` (``.json()``/``.text`` then work) by ``deadline``.
+
+    The socket's read timeout applies to each read, so a server trickling bytes (slow-loris)
+    would evade it; the deadline (``time.monotonic()``) bounds the whole answer. At most
+    MAX_RESPONSE_BYTES are kept; returns False when the body was cut there.
+    """
+    raw = response.raw
+    read = getattr(raw, "read1", None) or raw.read  # read1: at most one socket read per call
+    chunks: list[bytes] = []
+    size = 0
+    complete = True
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                raise requests.exceptions.ReadTimeout(
+                    "the answer was not complete within the connection's timeout (server sending too slowly)"
+                )
+            chunk = read(_READ_CHUNK, decode_content=True)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                complete = False
+                break
+            chunks.append(chunk)
+    except requests.RequestException:
+        response.close()
+        raise
+    except Exception as exc:  # urllib3/socket errors while reading the body
+        response.close()
+        raise requests.exceptions.ConnectionError(exc, response=response) from exc
+    response._content = b"".join(chunks)
+    response._content_consumed = complete  # type: ignore[attr-defined]  # complete: connection reusable
+    response.close()
+    return complete
 
 
 def _is_connect_failure(exc: requests.RequestException) -> bool:

@@ -151,7 +151,10 @@ class LoyaltyMembershipAddOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         hook = MewsConnectorHook(self.mews_conn_id, pool_size=self.max_active_requests + 2)
         chain_id = self._chain_id()
-        hook.settings  # noqa: B018 - validate the connection before reading anything
+        try:
+            hook.settings  # noqa: B018 - validate the connection before reading anything
+        except MewsConfigurationError as exc:
+            raise AirflowFailException(str(exc)) from None
         # Outputs first: on SQLite they switch the database to WAL so the source can stay open.
         outputs = self._open_outputs(context)
         try:

@@ -57,7 +57,7 @@ INT32 = (-(2**31), 2**31 - 1)
 
 #: Faults a script entry or a rate can name. "NAME" or "NAME:ARG" (seconds for 429/hang).
 FAULTS = (
-    "500", "502html", "503", "408", "429", "429date", "drop_before_store", "drop_after_store",
+    "500", "502html", "503", "408", "409", "429", "429date", "drop_before_store", "drop_after_store",
     "hang_after_store", "empty200", "truncated200", "fewer200", "nolist200", "wrongtypes200",
     "huge200", "slow200",
 )  # fmt: skip
@@ -587,7 +587,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _fault_before(self, fault: str, request_id: str, headers: dict[str, str]) -> bool:
         """Faults answered before any work is done. True when the request is finished."""
         name, _, arg = fault.partition(":")
-        if name in ("500", "503", "408"):
+        if name in ("500", "503", "408", "409"):
             self._send(int(name), {"Message": f"Sandbox fault {name}.", "RequestId": request_id, "Details": None}, headers)
         elif name == "502html":
             html = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
