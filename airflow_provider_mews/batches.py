@@ -151,11 +151,16 @@ class BatchSender:
         self.stop = stop
         self.clock_skew = clock_skew
         self.now = now
+        # if_exists="skip": (account, program) of rows being checked or added by a batch in flight,
+        # so that the same membership in two concurrent batches is added once (getAll can't see it yet).
+        self._in_flight: set[tuple[str, str]] = set()
+        self._in_flight_lock = threading.Lock()
 
     def run(self, batch: Batch, stored_since: datetime | None = None) -> BatchResult:
         """Take ``batch`` to its end. ``stored_since``: an earlier try may have sent it since then."""
         result = BatchResult(batch, rejected=list(batch.rejected))
         pending = list(range(len(batch.items)))
+        claimed: list[tuple[str, str]] = []
         try:
             if stored_since is not None and pending:
                 found = find_stored(self.hook, batch.items, stored_since - self.clock_skew, self._until())
@@ -163,14 +168,36 @@ class BatchSender:
                 result.reconciled += len(found)
             if self.if_exists == "skip" and pending:
                 pending = self._drop_duplicates(batch, pending, result)
-                existing = find_existing(self.hook, [batch.items[p] for p in pending])
+                pending = self._claim(batch, pending, result, claimed)
+                existing = find_existing(self.hook, [batch.items[p] for p in pending]) if pending else {}
                 self._take(result, pending, {pending[i]: mid for i, mid in existing.items()}, "skipped_existing")
             self._send(result, pending)
         except StopRun:
             pass
         except MewsError as exc:
             result.error = exc
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.difference_update(claimed)
         return result
+
+    def _claim(
+        self, batch: Batch, pending: list[int], result: BatchResult, claimed: list[tuple[str, str]]
+    ) -> list[int]:
+        """Skip rows another batch in flight is adding; claim the others until this batch ends."""
+        keep: list[int] = []
+        with self._in_flight_lock:
+            for pos in pending:
+                item = batch.items[pos]
+                key = (item["AccountId"], item["LoyaltyProgramId"])
+                if key in self._in_flight:
+                    row = batch.item_rows[pos]
+                    result.outcomes.append(Outcome(row, *key, item.get("Code"), None, "skipped_existing"))
+                else:
+                    self._in_flight.add(key)
+                    claimed.append(key)
+                    keep.append(pos)
+        return keep
 
     def _until(self) -> datetime:
         return self.now() + self.clock_skew
@@ -236,6 +263,7 @@ class BatchSender:
         """Add one group. None when every row of it is accounted for; the refusal otherwise."""
         batch = result.batch
         remaining = list(group)
+        last: MewsError | None = None
         for _round in range(MAX_DOUBT_ROUNDS + 1):
             sent_at = self.now()
             try:
@@ -251,6 +279,7 @@ class BatchSender:
                     return exc
                 if not exc.may_have_been_processed:
                     raise
+                last = exc
                 found = find_stored(
                     self.hook, [batch.items[p] for p in remaining], sent_at - self.clock_skew, self._until()
                 )
@@ -263,7 +292,10 @@ class BatchSender:
             self._take(result, remaining, {p: m["Id"] for p, m in zip(remaining, created)}, "added")
             return None
         raise MewsError(
-            f"a batch stayed in doubt after {MAX_DOUBT_ROUNDS} reconcile rounds; Airflow's retry will resume it",
+            f"a batch stayed in doubt after {MAX_DOUBT_ROUNDS} reconcile rounds, the last answer being: "
+            f"{last.message if last else 'none'}; Airflow's retry will resume it",
+            status=last.status if last else None,
+            request_id=last.request_id if last else None,
             operation="loyaltyMemberships/add",
         )
 

@@ -116,7 +116,7 @@ class MewsRateLimitError(MewsError):
     """429 after the hook's waiting budget was spent. Surely not processed."""
 
     retryable = True
-    hint = "Rate limit of the AccessToken exceeded (200 requests per 30 s); the hook honours Retry-After."
+    hint = "Rate limit of the AccessToken exceeded (Mews allows 200 requests per 30 s); the hook honours Retry-After."
 
 
 class MewsServerError(MewsError):

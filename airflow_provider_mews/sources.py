@@ -108,7 +108,7 @@ class SqlSource:
                 f"the source query failed on connection {self.hook.get_conn_id()!r}: "
                 f"{type(exc).__name__}: {str(exc).strip()[:500]}"
             ) from exc
-        self._first: list[Any] | None = None
+        self._first = None
         if self._cursor.description is None and self._server_side:
             # A psycopg2 named cursor describes its columns only after the first fetch.
             self._first = self._cursor.fetchmany(self.chunk_size)
@@ -118,14 +118,21 @@ class SqlSource:
         self.columns = tuple(str(d[0]) for d in self._cursor.description)
 
     def _server_side_cursor(self) -> Any:
-        """A named (server-side) cursor on PostgreSQL, so the server streams the rows."""
+        """A named (server-side) cursor on PostgreSQL, so the server streams the rows.
+
+        Rows are plain tuples even when the connection's ``cursor`` extra asks for dict rows.
+        """
         module = type(self._conn).__module__
         if module.startswith("psycopg2"):
-            cursor = self._conn.cursor(name="mews_membership_source")
+            from psycopg2.extensions import cursor as tuple_cursor
+
+            cursor = self._conn.cursor(name="mews_membership_source", cursor_factory=tuple_cursor)
             cursor.itersize = self.chunk_size
             return cursor
         if module.startswith("psycopg"):
-            return self._conn.cursor(name="mews_membership_source")
+            from psycopg.rows import tuple_row
+
+            return self._conn.cursor(name="mews_membership_source", row_factory=tuple_row)
         return None
 
     def chunks(self) -> Iterator[list[tuple[Any, ...]]]:

@@ -23,7 +23,7 @@ if AIRFLOW_V_3_0_PLUS:
 else:  # Airflow 2.11
     from airflow.datasets import Dataset as Asset  # type: ignore[no-redef]
     from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
-    from airflow.hooks.base import BaseHook  # type: ignore[no-redef]
+    from airflow.hooks.base import BaseHook  # type: ignore[no-redef,attr-defined]
     from airflow.models import BaseOperator  # type: ignore[no-redef,assignment]
     from airflow.utils.log.secrets_masker import mask_secret  # type: ignore[no-redef]
 

@@ -38,8 +38,19 @@ def naive_load(
                 "Url": link,
                 "LoyaltyTierId": tier_id,
             }
-            for (_, account_id, program_id, is_primary, state, code, points, expiration, link, tier_id, _)
-            in rows[start : start + 1000]
+            for (
+                _,
+                account_id,
+                program_id,
+                is_primary,
+                state,
+                code,
+                points,
+                expiration,
+                link,
+                tier_id,
+                _,
+            ) in rows[start : start + 1000]
         ]
         body = {
             "ClientToken": client_token,

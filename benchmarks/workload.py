@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--rows", type=int, required=True)
     parser.add_argument("--if-exists", default="add", choices=("add", "skip"))
-    parser.add_argument("--rate", default="200/30", help="client-side limit REQUESTS/SECONDS (connection extra)")
+    parser.add_argument(
+        "--rate", default="200/30", help="client-side limit REQUESTS/SECONDS (connection extra)"
+    )
     args = parser.parse_args(argv)
 
     from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN, connection_json
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[f"AIRFLOW_CONN_{MEWS_CONN_ID.upper()}"] = connection_json(
         args.url, rate_limit_requests=int(count), rate_limit_period=float(period)
     )
-    os.environ[f"AIRFLOW_CONN_{SQLITE_CONN_ID.upper()}"] = json.dumps({"conn_type": "sqlite", "host": args.db})
+    os.environ[f"AIRFLOW_CONN_{SQLITE_CONN_ID.upper()}"] = json.dumps(
+        {"conn_type": "sqlite", "host": args.db}
+    )
     sql = f"SELECT * FROM loyalty_members WHERE member_id <= {int(args.rows)} ORDER BY member_id"
 
     if args.kind == "operator":
@@ -114,7 +118,15 @@ def main(argv: list[str] | None = None) -> None:
         "peak_rss_kb": _status_kb("VmHWM"),
         "summary": {
             k: summary.get(k)
-            for k in ("rows_read", "added", "skipped_existing", "rejected", "not_reached", "requests", "rate_limited")
+            for k in (
+                "rows_read",
+                "added",
+                "skipped_existing",
+                "rejected",
+                "not_reached",
+                "requests",
+                "rate_limited",
+            )
             if k in summary
         },
     }

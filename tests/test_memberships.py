@@ -65,15 +65,23 @@ def test_all_fields_match_by_snake_case_name():
 def test_field_map_covers_names_that_do_not_match():
     plan = plan_columns(
         ["member_uuid", "program", "primary_flag", "tier"],
-        {"member_uuid": "AccountId", "program": "loyalty_program_id", "primary_flag": "IsPrimary", "tier": "LoyaltyTierId"},
+        {
+            "member_uuid": "AccountId",
+            "program": "loyalty_program_id",
+            "primary_flag": "IsPrimary",
+            "tier": "LoyaltyTierId",
+        },
     )
     assert normalize(plan, [ACCOUNT, PROGRAM, "yes", TIER]) == {**BASE, "LoyaltyTierId": TIER}
 
 
 def test_field_map_wins_over_a_matching_name():
-    # "code" would match Code by name; the map sends it to the tier instead, and "ref" becomes Code.
-    plan = plan_columns(["account_id", "loyalty_program_id", "is_primary", "ref"], {"ref": "Code"})
-    assert normalize(plan, [ACCOUNT, PROGRAM, 0, "X-1"])["Code"] == "X-1"
+    # "account_id" would match AccountId by name; the map sends it to LoyaltyTierId instead.
+    plan = plan_columns(
+        ["account_id", "legacy_account", "loyalty_program_id", "is_primary"],
+        {"legacy_account": "AccountId", "account_id": "LoyaltyTierId"},
+    )
+    assert normalize(plan, [TIER, ACCOUNT, PROGRAM, 0]) == {**BASE, "IsPrimary": False, "LoyaltyTierId": TIER}
 
 
 def test_field_map_errors_are_configuration_errors():
@@ -93,7 +101,10 @@ def test_membership_number_is_a_synonym_of_code(name):
     out = normalize(plan, [ACCOUNT, PROGRAM, True, "MBR-1"])
     assert out == {**BASE, "Code": "MBR-1"}
     assert "MembershipNumber" not in out
-    assert plan_columns(["a", "loyalty_program_id", "is_primary", "m"], {"a": "AccountId", "m": "MembershipNumber"})
+    mapped = plan_columns(
+        ["a", "loyalty_program_id", "is_primary", "m"], {"a": "AccountId", "m": "MembershipNumber"}
+    )
+    assert normalize(mapped, [ACCOUNT, PROGRAM, True, "MBR-2"])["Code"] == "MBR-2"
 
 
 def test_unmapped_columns_are_listed_and_never_in_the_membership():
@@ -139,7 +150,12 @@ def test_other_boolean_values_are_rejected(value):
 
 
 def test_state_is_case_insensitive_to_the_enum():
-    for value, expected in (("enrolled", "Enrolled"), ("PENDING", "Pending"), ("New", "New"), (" canceled", "Canceled")):
+    for value, expected in (
+        ("enrolled", "Enrolled"),
+        ("PENDING", "Pending"),
+        ("New", "New"),
+        (" canceled", "Canceled"),
+    ):
         assert norm(State=value)["State"] == expected
     for bad in ("Gold", "Active", 1):
         assert rejected(State=bad).field == "State"
@@ -197,7 +213,13 @@ def test_expiration_dates_that_are_not_iso_dates_are_rejected(value):
 def test_url_must_be_absolute():
     assert norm(Url="https://rewards.example.com/m/1")["Url"] == "https://rewards.example.com/m/1"
     assert norm(Url=" http://x.example/a?b=1 ")["Url"] == "http://x.example/a?b=1"
-    for bad in ("/relative/path", "rewards.example.com/m/1", "mailto:a@example.com", "https://exa mple.com/x", 42):
+    for bad in (
+        "/relative/path",
+        "rewards.example.com/m/1",
+        "mailto:a@example.com",
+        "https://exa mple.com/x",
+        42,
+    ):
         assert rejected(Url=bad).field == "Url"
 
 

@@ -19,8 +19,8 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +68,7 @@ def postgres_uri() -> Iterator[str]:
         ["bash", str(START_POSTGRES), "start", cluster], capture_output=True, text=True, timeout=120
     )
     if started.returncode != 0:
+        subprocess.run(["bash", str(START_POSTGRES), "stop", cluster], capture_output=True, timeout=60)
         pytest.fail(
             "could not start a local PostgreSQL for the Postgres tests; install Debian's `postgresql` "
             f"or set MEWS_TEST_POSTGRES_URI.\n{started.stderr.strip()}"
@@ -112,9 +113,11 @@ def driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     return request.param
 
 
-def load_members(pg: psycopg.Connection, table: str, count: int, invalid: int = 0) -> list[tuple[Any, ...]]:
+def load_members(
+    pg: psycopg.Connection, table: str, count: int, invalid: int = 0, seed: int = 7
+) -> list[tuple[Any, ...]]:
     """(Re)create ``table`` with sample members (COPY); returns the rows."""
-    rows = list(members(count, invalid))
+    rows = list(members(count, invalid, seed=seed))
     pg.execute(f"DROP TABLE IF EXISTS {table}")
     pg.execute(f"CREATE TABLE {table} ({MEMBERS_DDL})")
     with pg.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(COLUMNS)}) FROM STDIN") as copy:
@@ -129,6 +132,16 @@ def backend_queries(pg: psycopg.Connection, application_name: str) -> list[str]:
     return [q for (q,) in found.fetchall()]
 
 
+def sessions_end(pg: psycopg.Connection, application_name: str, within_s: float = 10.0) -> bool:
+    """Whether the sessions of ``application_name`` are gone (a closed session's backend exits soon after)."""
+    deadline = time.monotonic() + within_s
+    while backend_queries(pg, application_name):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 # -- the source on its own, both drivers --
 
 
@@ -137,7 +150,11 @@ def test_sql_source_streams_through_a_server_side_cursor(pg, postgres_uri, drive
 
     load_members(pg, "src_members", 2_500, invalid=5)
     app = f"mews-source-{driver}"
-    monkeypatch.setenv("AIRFLOW_CONN_MEWS_PG_SRC", postgres_connection(postgres_uri, application_name=app))
+    # The connection asks for dict rows (for the user's other tasks); the source still reads tuples.
+    dict_rows = "dictcursor" if driver == "psycopg3" else "realdictcursor"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MEWS_PG_SRC", postgres_connection(postgres_uri, application_name=app, cursor=dict_rows)
+    )
     source = SqlSource(
         PostgresHook(postgres_conn_id="mews_pg_src"),
         table=None,
@@ -148,16 +165,18 @@ def test_sql_source_streams_through_a_server_side_cursor(pg, postgres_uri, drive
     try:
         assert source.columns == COLUMNS
         chunks = source.chunks()
-        sizes = [len(next(chunks))]
+        first = next(chunks)
+        sizes = [len(first)]
         # Mid-stream the server holds the cursor and the client fetches from it 1000 rows at a time.
         seen = backend_queries(pg, app)
         sizes += [len(chunk) for chunk in chunks]
     finally:
         source.close()
     assert sizes == [1_000, 1_000, 500]
+    assert type(first[0]) is tuple and (first[0][0], first[-1][0]) == (1, 1_000)
     assert len(seen) == 1, seen
     assert seen[0].startswith("FETCH FORWARD 1000 FROM") and CURSOR_NAME in seen[0], seen
-    assert backend_queries(pg, app) == [], "the source connection must be closed"
+    assert sessions_end(pg, app), "the source must close its connection"
 
 
 def test_sql_source_maps_postgres_types(pg, postgres_uri, driver, monkeypatch):
@@ -171,11 +190,14 @@ def test_sql_source_maps_postgres_types(pg, postgres_uri, driver, monkeypatch):
         "points NUMERIC(12, 0), expiration_date DATE, code VARCHAR(255), valid_to TIMESTAMPTZ)"
     )
     pg.execute(
-        "INSERT INTO typed_members VALUES (%s, %s, TRUE, 1200, '2029-12-24', 'MBR-Ü-1', '2029-12-24 23:30:00-05')",
+        "INSERT INTO typed_members VALUES "
+        "(%s, %s, TRUE, 1200, '2029-12-24', 'MBR-Ü-1', '2029-12-24 23:30:00-05')",
         (account, PROGRAM_ID),
     )
     monkeypatch.setenv("AIRFLOW_CONN_MEWS_PG_SRC", postgres_connection(postgres_uri))
-    source = SqlSource(PostgresHook(postgres_conn_id="mews_pg_src"), table="typed_members", sql=None, chunk_size=10)
+    source = SqlSource(
+        PostgresHook(postgres_conn_id="mews_pg_src"), table="typed_members", sql=None, chunk_size=10
+    )
     source.open()
     try:
         rows = [row for chunk in source.chunks() for row in chunk]
@@ -233,7 +255,9 @@ try:
 except ImportError:  # Airflow 2.11
     from airflow import DAG
 
-with DAG(dag_id="{dag_id}", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False):
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+
+with DAG(dag_id="{dag_id}", schedule=None, start_date=START, catchup=False) as dag:
     LoyaltyMembershipAddOperator(
         task_id="add",
         sql_conn_id="mews_pg",
@@ -255,18 +279,20 @@ with DAG(dag_id="{dag_id}", schedule=None, start_date=pendulum.datetime(2026, 1,
 def test_write_back_on_postgres_is_rewritten_by_a_retried_try(
     pg, postgres_uri, driver, run_dag, mews_conn, mews_sandbox, monkeypatch
 ):
-    """600 rows in batches of 100: 6 are invalid, Mews refuses 1 (HTTP 403). Batch 3 (rows 201-300) is
-    split by the refusal, its first half is added, then its second half stays in doubt (4 requests
-    dropped before storing): the first try fails after writing batch 3's outcomes so far; the retry
-    reconciles and rewrites batch 3. Results and rejections (schema mews_out, same connection) end
-    with exactly one line per row."""
+    """600 rows in batches of 100, one request at a time: 6 rows are invalid, Mews refuses row 280
+    (HTTP 403). Batch 3 (rows 201-300) is split by the refusal: its first half (rows 201-249) is
+    added, then rows 250-275 stay in doubt (4 adds dropped before storing, so the batch gives up):
+    the first try fails after writing batch 3's outcomes so far. The retry reconciles batch 3 and
+    rewrites its lines. Results and rejections (schema mews_out, same connection as the source)
+    end with exactly one line per row."""
     rows = load_members(pg, "retry_members", 600, invalid=6)
     monkeypatch.setenv("AIRFLOW_CONN_MEWS_PG", postgres_connection(postgres_uri))
     refused_row = 280
     refused_account = rows[refused_row - 1][1]
     mews_sandbox.configure(
         forbidden_accounts={refused_account},
-        fault_script=["", "", "", ""] + ["drop_before_store"] * 4,
+        # adds: batches 1, 2; batch 3 (403); rows 201-249; rows 250-300 (403); rows 250-275 dropped.
+        fault_script=[""] * 5 + ["drop_before_store"] * 4,
     )
     dag_id = f"mews_pg_retry_{driver}"
     dr = run_dag(dag_id, RETRY_DAG.format(dag_id=dag_id, driver=driver))
@@ -291,7 +317,8 @@ def test_write_back_on_postgres_is_rewritten_by_a_retried_try(
     assert all(r[6] == PROGRAM_ID and r[7] == f"MBR-{r[4]:08d}" for r in results)
 
     rejections = pg.execute(
-        f"SELECT source_row, account_id, field, reason, request_id, row_json FROM mews_out.rejections_{driver}"
+        "SELECT source_row, account_id, field, reason, request_id, row_json "
+        f"FROM mews_out.rejections_{driver}"
     ).fetchall()
     assert sorted(r[0] for r in rejections) == sorted([*invalid_rows, refused_row])
     by_row = {r[0]: r for r in rejections}
@@ -307,34 +334,17 @@ def test_write_back_on_postgres_is_rewritten_by_a_retried_try(
 # -- 200 000 rows: flat memory, exactly once, in a separate process --
 
 BIG_DAG = """
+import os
+
 import pendulum
 
 from airflow_provider_mews.operators.loyalty_memberships import LoyaltyMembershipAddOperator
 
 try:
-    from airflow.sdk import DAG
+    from airflow.sdk import DAG, task
 except ImportError:  # Airflow 2.11
     from airflow import DAG
-
-with DAG(dag_id="{dag_id}", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False):
-    LoyaltyMembershipAddOperator(
-        task_id="add",
-        sql_conn_id="mews_pg_big",
-        {source},
-        field_map={{"tier_id": "LoyaltyTierId"}},
-        if_exists="add",
-        max_rejected_rows=100,
-        results_table="mews_out.results_{rows}",
-        rejections_table="mews_out.rejections_{rows}",
-        retries=0,
-    )
-"""
-
-# Runs one DAG in this process and reports the run and the peak memory of the run itself.
-RUNNER = r"""
-import json, runpy, sys
-
-path, dag_id = sys.argv[1:3]
+    from airflow.decorators import task
 
 
 def status(key):
@@ -344,32 +354,56 @@ def status(key):
                 return int(line.split()[1])
 
 
-dag = next(v for v in runpy.run_path(path).values() if getattr(v, "dag_id", None) == dag_id)
-with open("/proc/self/clear_refs", "w") as fh:  # restart the peak (VmHWM) at the current RSS
-    fh.write("5")
-start_kb = status("VmRSS")
-dag_run = dag.test()
-ti = dag_run.get_task_instance("add")
-result = {
-    "state": str(dag_run.state),
-    "run_id": dag_run.run_id,
-    "summary": ti.xcom_pull(task_ids="add", key="mews_summary"),
-    "start_kb": start_kb,
-    "peak_kb": status("VmHWM"),
-}
-print("MEWS_RESULT " + json.dumps(result))
+@task
+def memory_mark():
+    # The peak RSS (VmHWM) since the previous mark, then restart the peak at the current RSS.
+    mark = {{"pid": os.getpid(), "peak_kb": status("VmHWM"), "rss_kb": status("VmRSS")}}
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return mark
+
+
+def add(task_id, **source):
+    return LoyaltyMembershipAddOperator(
+        task_id=task_id,
+        sql_conn_id="mews_pg_big",
+        field_map={{"tier_id": "LoyaltyTierId"}},
+        if_exists="add",
+        max_rejected_rows=100,
+        results_table="mews_out.results_" + task_id,
+        rejections_table="mews_out.rejections_" + task_id,
+        retries=0,
+        **source,
+    )
+
+
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+
+with DAG(dag_id="{dag_id}", schedule=None, start_date=START, catchup=False) as dag:
+    (
+        memory_mark.override(task_id="mark_start")()
+        >> add("add_20k", sql="SELECT * FROM small_members ORDER BY member_id")
+        >> memory_mark.override(task_id="mark_20k")()
+        >> add("add_200k", table="big_members")
+        >> memory_mark.override(task_id="mark_200k")()
+    )
 """
 
+# Runs the DAG in a fresh process (the tasks run in it: dag.test() is in-process) and reports.
+RUNNER = r"""
+import json, os, runpy, sys
 
-def run_in_subprocess(dag_id: str, source: str, rows: int, env: dict[str, str]) -> dict[str, Any]:
-    path = DAGS_DIR / f"{dag_id}.py"
-    path.write_text(BIG_DAG.format(dag_id=dag_id, source=source, rows=rows))
-    proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(path), dag_id], capture_output=True, text=True, env=env, timeout=240
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("MEWS_RESULT ")]
-    assert proc.returncode == 0 and lines, f"runner failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1].removeprefix("MEWS_RESULT "))
+path, dag_id = sys.argv[1:3]
+dag = runpy.run_path(path)["dag"]
+dag_run = dag.test()
+result = {"state": str(dag_run.state), "run_id": dag_run.run_id, "pid": os.getpid()}
+for ti in dag_run.get_task_instances():
+    result[ti.task_id] = {
+        "state": str(ti.state),
+        "xcom": ti.xcom_pull(task_ids=ti.task_id, key="mews_summary" if "add" in ti.task_id else None),
+    }
+print("MEWS_RESULT " + json.dumps(result))
+"""
 
 
 class ActivityWatch:
@@ -384,7 +418,7 @@ class ActivityWatch:
 
     def _watch(self) -> None:
         with psycopg.connect(self.uri, autocommit=True) as conn:
-            while not self._stop.wait(0.05):
+            while not self._stop.wait(0.1):
                 self.queries.update(backend_queries(conn, self.application_name))
 
     def __enter__(self) -> ActivityWatch:
@@ -399,51 +433,70 @@ class ActivityWatch:
 def test_200k_rows_stream_with_flat_memory_and_land_exactly_once(
     pg, postgres_uri, airflow_db, mews_conn, mews_sandbox, monkeypatch
 ):
-    rows = load_members(pg, "big_members", BIG, invalid=20)
+    """One DAG run in its own process: 20 000 rows (query), then 200 000 rows (table), each through
+    the Postgres connection into the sandbox, outcomes written back to Postgres. The peak memory of
+    the two runs is (almost) the same, the server shows a cursor being fetched from, and every row
+    lands in Mews and in the results exactly once."""
+    small_rows = load_members(pg, "small_members", SMALL, seed=8)
+    big_rows = load_members(pg, "big_members", BIG, invalid=20)
     app = "mews-operator-200k"
     monkeypatch.setenv("AIRFLOW_CONN_MEWS_DEFAULT", connection_json(mews_sandbox.url, **FAST_MEWS))
     monkeypatch.setenv("AIRFLOW_CONN_MEWS_PG_BIG", postgres_connection(postgres_uri, application_name=app))
-    env = os.environ.copy()
-
     mews_sandbox.configure(rate_limit_requests=100_000)
-    small = run_in_subprocess(
-        "mews_pg_20k", f'sql="SELECT * FROM big_members WHERE member_id <= {SMALL} ORDER BY member_id"', SMALL, env
-    )
-    assert small["state"] == "success" and small["summary"]["rows_read"] == SMALL, small
-    mews_sandbox.reset()
-    mews_sandbox.configure(rate_limit_requests=100_000)
+    dag_id = "mews_pg_200k"
+    path = DAGS_DIR / f"{dag_id}.py"
+    path.write_text(BIG_DAG.format(dag_id=dag_id))
 
     with ActivityWatch(postgres_uri, app) as watch:
-        big = run_in_subprocess("mews_pg_200k", 'table="big_members"', BIG, env)
-    assert big["state"] == "success", big
+        proc = subprocess.run(
+            [sys.executable, "-c", RUNNER, str(path), dag_id],
+            capture_output=True, text=True, env=os.environ.copy(), timeout=400,
+        )  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("MEWS_RESULT ")]
+    assert proc.returncode == 0 and lines, f"runner failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    run = json.loads(lines[-1].removeprefix("MEWS_RESULT "))
+    assert run["state"] == "success", run
+
+    # Flat memory: ten times the rows, (almost) the same peak.
+    marks = [run[t]["xcom"] for t in ("mark_start", "mark_20k", "mark_200k")]
+    assert {m["pid"] for m in marks} == {run["pid"]}, "the tasks must run in the measured process"
+    small_peak, big_peak = marks[1]["peak_kb"] / 1024, marks[2]["peak_kb"] / 1024
+    print(
+        f"peak RSS: {small_peak:.0f} MB while adding {SMALL} rows, {big_peak:.0f} MB while adding {BIG} rows"
+    )
+    assert big_peak - small_peak < 50, (
+        f"peak RSS grew by {big_peak - small_peak:.0f} MB from {SMALL} to {BIG} rows"
+    )
 
     # Read through a server-side cursor: the server saw the cursor declared and fetched from.
     source_queries = {q for q in watch.queries if "big_members" in q or CURSOR_NAME in q}
-    assert any(q.startswith("FETCH FORWARD 1000 FROM") and CURSOR_NAME in q for q in source_queries), source_queries
-    assert not any(q.strip().upper().startswith("SELECT") for q in source_queries), source_queries
-
-    # Flat memory: ten times the rows, (almost) the same peak.
-    growth_mb = (big["peak_kb"] - small["peak_kb"]) / 1024
-    print(f"peak RSS of the run: {small['peak_kb'] // 1024} MB for {SMALL} rows, {big['peak_kb'] // 1024} MB for {BIG}")
-    assert growth_mb < 50, f"peak RSS grew by {growth_mb:.0f} MB from {SMALL} to {BIG} rows"
+    assert any(q.startswith("FETCH FORWARD 1000 FROM") and CURSOR_NAME in q for q in source_queries), (
+        source_queries
+    )
+    assert not any(q.lstrip().upper().startswith("SELECT") for q in source_queries), source_queries
 
     # Every valid row in Mews exactly once, every outcome written back once.
-    invalid_rows = {n * 10_000 + 5_000 + 1 for n in range(20)}
-    summary = big["summary"]
-    assert (summary["rows_read"], summary["added"], summary["rejected"]) == (BIG, BIG - 20, 20), summary
+    small, big = run["add_20k"]["xcom"], run["add_200k"]["xcom"]
+    assert (small["rows_read"], small["added"]) == (SMALL, SMALL), small
+    invalid_members = {n * 10_000 + 5_000 + 1 for n in range(20)}
+    assert (big["rows_read"], big["added"], big["rejected"]) == (BIG, BIG - 20, 20), big
     stored = mews_sandbox.memberships()
-    expected = {row[1]: row[0] for row in rows if row[0] not in invalid_rows}
-    assert len(stored) == len(expected) and {m["AccountId"] for m in stored} == set(expected)
+    expected = [row[1] for row in small_rows] + [row[1] for row in big_rows if row[0] not in invalid_members]
+    assert len(stored) == len(expected) and sorted(m["AccountId"] for m in stored) == sorted(expected)
+    mews_id = {m["AccountId"]: m["Id"] for m in stored}
     counts = pg.execute(
-        "SELECT count(*), count(DISTINCT source_row), count(DISTINCT mews_membership_id), "
-        "min(source_row), max(source_row) FROM mews_out.results_200000 WHERE run_id = %s",
-        (big["run_id"],),
+        "SELECT count(*), count(DISTINCT source_row), min(source_row), max(source_row), "
+        "count(DISTINCT run_id) FROM mews_out.results_add_200k"
     ).fetchone()
-    assert counts == (BIG - 20, BIG - 20, BIG - 20, 1, BIG), counts
-    sample = dict(pg.execute("SELECT account_id, mews_membership_id FROM mews_out.results_200000").fetchall())
-    assert sample == {m["AccountId"]: m["Id"] for m in stored}
-    rejected = pg.execute("SELECT source_row FROM mews_out.rejections_200000 ORDER BY source_row").fetchall()
-    assert [r for (r,) in rejected] == sorted(invalid_rows)
+    assert counts == (BIG - 20, BIG - 20, 1, BIG, 1), counts
+    results = dict(
+        pg.execute("SELECT account_id, mews_membership_id FROM mews_out.results_add_200k").fetchall()
+    )
+    assert results == {a: mews_id[a] for a in expected[SMALL:]}
+    # table= reads in the server's order (no ORDER BY): the row itself tells which member it was.
+    rejected = pg.execute("SELECT source_row, row_json FROM mews_out.rejections_add_200k").fetchall()
+    assert len({r[0] for r in rejected}) == len(rejected)
+    assert sorted(json.loads(r[1])["member_id"] for r in rejected) == sorted(invalid_members)
 
 
 def test_missing_server_fails_in_ci_instead_of_skipping(tmp_path):

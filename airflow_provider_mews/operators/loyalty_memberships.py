@@ -212,7 +212,7 @@ class LoyaltyMembershipAddOperator(BaseOperator):
         if self.results_table or self.rejections_table:
             from airflow_provider_mews.version_compat import BaseHook
 
-            db_hook = BaseHook.get_connection(self.output_conn_id).get_hook()
+            db_hook = BaseHook.get_connection(self.output_conn_id or "").get_hook()
             try:
                 table_out = TableOutput(db_hook, key, self.results_table, self.rejections_table)
             except SourceError as exc:

@@ -15,6 +15,7 @@ Admin endpoints (not part of Mews), for tests and demos:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import re
@@ -24,12 +25,11 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
 
 #: The public demo pair from Mews's "Environments" guide: the sandbox accepts it by default.
 DEMO_CLIENT_TOKEN = "E0D439EE522F44368DC78E1BFB03710C-D24FB11DBE31D4621C4817E028D9E1D"
@@ -38,6 +38,8 @@ SANDBOX_CHAIN_ID = "3fa85f64-5717-4562-b3fc-2c963f66afa6"
 SANDBOX_ENTERPRISE_ID = "851df8c8-90f2-4c4a-8e01-a4fc46b25178"
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+#: An absolute URI: a scheme, "://" and a non-empty authority (what urlsplit calls scheme and netloc).
+_ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 STATES = ("New", "Pending", "Enrolled", "Canceled", "Declined")
 ADD_FIELDS = {
@@ -70,6 +72,16 @@ class ApiError(Exception):
         self.message = message
         self.details = details
         self.headers = headers or {}
+
+
+_ids = random.Random()
+
+
+def _new_id() -> str:
+    """A random version-4 UUID, several times faster than ``str(uuid.uuid4())`` (1000 per add)."""
+    n = _ids.getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48) | (0x4000 << 64) | (0x8000 << 48)
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _now_iso() -> str:
@@ -174,6 +186,8 @@ class MewsSandbox:
         quiet: bool = True,
     ) -> None:
         self.config = config or SandboxConfig()
+        #: What ``reset()`` returns to: the start-up settings (e.g. the command line's --rate-limit).
+        self._initial_config = copy.deepcopy(self.config)
         self.state = SandboxState(state_file)
         self.quiet = quiet
         self._rng = random.Random(self.config.seed)
@@ -184,7 +198,7 @@ class MewsSandbox:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     @property
     def port(self) -> int:
@@ -222,7 +236,7 @@ class MewsSandbox:
 
     def reset(self) -> None:
         self.state.reset()
-        self.config = SandboxConfig(tokens=self.config.tokens)
+        self.config = replace(copy.deepcopy(self._initial_config), tokens=self.config.tokens)
         self._rng = random.Random(self.config.seed)
 
     def configure(self, **changes: Any) -> None:
@@ -339,17 +353,15 @@ class MewsSandbox:
         if expiration is not None:
             expiration = self._date(expiration, f"{where}.ExpirationDate")
         url = item.get("Url")
-        if url is not None:
-            parts = urlsplit(url) if isinstance(url, str) else None
-            if parts is None or not parts.scheme or not parts.netloc:
-                raise ApiError(400, f"Invalid {where}.Url: an absolute URI is required.")
+        if url is not None and not (isinstance(url, str) and _ABSOLUTE_URI.match(url)):
+            raise ApiError(400, f"Invalid {where}.Url: an absolute URI is required.")
         tier = item.get("LoyaltyTierId")
         if tier is not None and not (isinstance(tier, str) and _UUID.match(tier)):
             raise ApiError(400, f"Invalid {where}.LoyaltyTierId: a UUID is required.")
         code = item.get("Code") if item.get("Code") is not None else item.get("MembershipNumber")
         profile = {"Discriminator": "Integration", "EnterpriseProfile": None}
         return {
-            "Id": str(uuid.uuid4()),
+            "Id": _new_id(),
             "ChainId": chain_id,
             "AccountId": item["AccountId"],
             "LoyaltyProgramId": item["LoyaltyProgramId"],
@@ -392,6 +404,8 @@ class MewsSandbox:
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1000:
             raise ApiError(400, "Invalid Limitation.Count: 1 to 1000 is required.")
         cursor = limitation.get("Cursor")
+        if cursor is not None and not (isinstance(cursor, str) and _UUID.match(cursor)):
+            raise ApiError(400, "Invalid Limitation.Cursor: a UUID is required.")
         filters: dict[str, set[str]] = {}
         for name, kind in GETALL_LISTS.items():
             values = body.get(name)
@@ -399,8 +413,9 @@ class MewsSandbox:
                 continue
             if not isinstance(values, list) or not 1 <= len(values) <= 1000:
                 raise ApiError(400, f"Invalid {name}: 1 to 1000 items are required.")
-            if kind == "uuid" and not all(isinstance(v, str) and _UUID.match(v) for v in values):
-                raise ApiError(400, f"Invalid {name}: UUIDs are required.")
+            if not all(isinstance(v, str) and (kind != "uuid" or _UUID.match(v)) for v in values):
+                what = "UUIDs" if kind == "uuid" else "strings"
+                raise ApiError(400, f"Invalid {name}: {what} are required.")
             filters[name] = {v.lower() if kind == "uuid" else v for v in values}
         states = body.get("MembershipStates")
         if states is not None and (not isinstance(states, list) or any(s not in STATES for s in states)):
@@ -410,15 +425,20 @@ class MewsSandbox:
             not isinstance(activity, list) or any(s not in ("Active", "Deleted") for s in activity)
         ):
             raise ApiError(400, "Invalid ActivityStates.")
-        created = body.get("CreatedUtc")
         start = end = None
-        if created is not None:
-            if not isinstance(created, dict) or set(created) - {"StartUtc", "EndUtc"}:
-                raise ApiError(400, "Invalid CreatedUtc.")
-            start = _parse_utc(created.get("StartUtc"), "CreatedUtc.StartUtc")
-            end = _parse_utc(created.get("EndUtc"), "CreatedUtc.EndUtc")
-            if start is not None and end is not None and end - start > 93 * 86400:
-                raise ApiError(400, "Invalid CreatedUtc: the interval can be at most 3 months.")
+        for key in ("CreatedUtc", "UpdatedUtc"):
+            interval = body.get(key)
+            if interval is None:
+                continue
+            if not isinstance(interval, dict) or set(interval) - {"StartUtc", "EndUtc"}:
+                raise ApiError(400, f"Invalid {key}.")
+            low = _parse_utc(interval.get("StartUtc"), f"{key}.StartUtc")
+            high = _parse_utc(interval.get("EndUtc"), f"{key}.EndUtc")
+            if low is not None and high is not None and high - low > 93 * 86400:
+                raise ApiError(400, f"Invalid {key}: the interval can be at most 3 months.")
+            # Sandbox memberships are never updated: their UpdatedUtc is their CreatedUtc.
+            start = low if start is None else max(start, low or start)
+            end = high if end is None else min(end, high or end)
         st = self.state
         with st.lock:
             accounts = filters.get("AccountIds")
