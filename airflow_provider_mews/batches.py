@@ -51,7 +51,7 @@ def build_batch(
     items: list[dict[str, Any]] = []
     item_rows: list[int] = []
     rejected: list[Rejection] = []
-    digest = hashlib.blake2b(digest_size=12)
+    identities: list[str] = []  # fingerprint input, hashed once per batch
     for offset, values in enumerate(rows):
         row_no = first_row + offset
         try:
@@ -69,14 +69,13 @@ def build_batch(
                     _row_json(plan.names, values) if keep_row_json else None,
                 )
             )
-            digest.update(b"!%d;" % row_no)
+            identities.append(f"!{row_no}")
             continue
         items.append(item)
         item_rows.append(row_no)
-        digest.update(f"{item['AccountId']}|{item['LoyaltyProgramId']}|{item.get('Code')};".encode())
-    return Batch(
-        index, first_row, first_row + len(rows) - 1, items, item_rows, rejected, digest.hexdigest()
-    )
+        identities += (item["AccountId"], item["LoyaltyProgramId"], item.get("Code") or "")
+    fingerprint = hashlib.blake2b("\x1f".join(identities).encode(), digest_size=12).hexdigest()
+    return Batch(index, first_row, first_row + len(rows) - 1, items, item_rows, rejected, fingerprint)
 
 
 def _row_json(names: Sequence[str], values: Sequence[Any]) -> str:

@@ -437,7 +437,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Command: `{results['command']}` ({results['finished_utc']}, {results['duration_s'] / 60:.1f} min).",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, {m['os']}, Python {m['python']}, "
-        f"Airflow {m['airflow']}; load average at start {m['load_average_at_start']}.",
+        f"Airflow {m['airflow']}; load average (1, 5, 15 min) at start {m['load_average_at_start']}, "
+        f"at end {m.get('load_average_at_end', 'n/a')}.",
     ]
     if results.get("note"):
         lines.append(f"Note: {results['note']}")

@@ -384,13 +384,26 @@ class MewsConnectorHook(BaseHook):
                 text = text.replace(secret, "***")
         return text
 
+    def _redact_data(self, data: Any) -> Any:
+        """JSON ``data`` from an answer (``Details``) with the tokens replaced: a server may echo them."""
+        if data is None or isinstance(data, (bool, int, float)):
+            return data
+        text = json.dumps(data)
+        clean = self._redact(text)
+        if clean == text:
+            return data
+        try:
+            return json.loads(clean)
+        except ValueError:
+            return "***"
+
     def _transport_error(self, exc: requests.RequestException, operation: str, idempotent: bool) -> MewsError:
         # A refused or timed-out *connect* never reached Mews; anything later may have.
         reached = not _is_connect_failure(exc)
         kind = type(exc).__name__
         what = "connection failed before sending" if not reached else "no complete answer after sending"
         return MewsConnectionError(
-            self._redact(f"{what} ({kind}: {str(exc)[:300]})"),
+            f"{what} ({kind}: {self._redact(str(exc))[:300]})",  # redacted before it is cut
             operation=operation,
             may_have_been_processed=reached and not idempotent,
         )
@@ -401,7 +414,8 @@ class MewsConnectorHook(BaseHook):
             body = response.json()
         except ValueError:
             body = None
-        message, details = _error_message(response, body)
+        message, details = _error_message(response, body, self._redact)
+        details = self._redact_data(details)
         request_id = response.headers.get("Request-Id")
         if isinstance(body, dict) and isinstance(body.get("RequestId"), str):
             request_id = body["RequestId"] or request_id
@@ -611,11 +625,14 @@ def _is_connect_failure(exc: requests.RequestException) -> bool:
     return False
 
 
-def _error_message(response: requests.Response, body: Any) -> tuple[str, Any]:
-    """Mews's Message and Details, or a short description of a non-JSON body (a proxy's HTML)."""
+def _error_message(response: requests.Response, body: Any, redact: Any = str) -> tuple[str, Any]:
+    """Mews's Message and Details, or a short description of a non-JSON body (a proxy's HTML).
+
+    ``redact`` removes the tokens before the text is cut, so no piece of one can survive the cut.
+    """
     if isinstance(body, dict) and (body.get("Message") or "Details" in body):
-        return str(body.get("Message") or "no message"), body.get("Details")
-    text = " ".join(response.text.split())[:200] if response.content else ""
+        return redact(str(body.get("Message") or "no message")), body.get("Details")
+    text = redact(" ".join(response.text.split()))[:200] if response.content else ""
     ctype = response.headers.get("Content-Type", "no content type")
     reason = response.reason or ""
     if text:

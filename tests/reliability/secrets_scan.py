@@ -165,3 +165,48 @@ def dag_run_texts(dag_run: Any) -> dict[str, Any]:
                 f"{getattr(ti, 'note', None)} {getattr(ti, 'rendered_map_index', None)}"
             )
     return out
+
+
+def run_dag_with_log_files(run_dag: Any, dag_id: str, source: str | None, monkeypatch: Any) -> Any:
+    """Run a DAG the way a worker does, so task logs are files under ``$AIRFLOW_HOME/logs``.
+
+    ``dag.test()`` alone runs tasks inside the test process and prints their logs; with this
+    executor each task runs under Airflow's supervisor (a forked task process, logs written
+    by the supervisor through the secrets masker), talking to the execution API in-process.
+    """
+    from airflow.executors.base_executor import BaseExecutor, ExecutorLoader
+
+    class InlineSupervisorExecutor(BaseExecutor):
+        def _process_workloads(self, workload_items: Any) -> None:
+            from airflow.sdk.execution_time.supervisor import InProcessTestSupervisor, supervise_task
+
+            for workload in workload_items:
+                key = workload.ti.key
+                self.queued_tasks.pop(key, None)
+                self.running.add(key)
+                exit_code = supervise_task(
+                    ti=workload.ti,
+                    bundle_info=workload.bundle_info,
+                    dag_rel_path=workload.dag_rel_path,
+                    token=workload.token,
+                    client=InProcessTestSupervisor._api_client(),
+                    log_path=workload.log_path,
+                )
+                (self.success if exit_code == 0 else self.fail)(key)
+
+        def end(self) -> None:
+            """Every workload already ran to completion."""
+
+        def terminate(self) -> None:
+            """Nothing runs in the background."""
+
+    monkeypatch.setattr(
+        ExecutorLoader, "get_default_executor", classmethod(lambda cls: InlineSupervisorExecutor())
+    )
+    return run_dag(dag_id, source, use_executor=True)
+
+
+def task_log_text(dag_id: str, logs_dir: str | os.PathLike[str] | None = None) -> str:
+    """All task log files of ``dag_id`` (to check that the scanned logs are really there)."""
+    root = Path(logs_dir) if logs_dir else Path(os.environ["AIRFLOW_HOME"]) / "logs"
+    return "\n".join(t for p, t in log_file_texts(root / f"dag_id={dag_id}").items())
