@@ -21,14 +21,14 @@ test: $(STAMP)
 	. .ci/services.sh && $(MAKE) --no-print-directory test-only
 
 test-only: $(STAMP)
-	$(BIN)/ruff check airflow_provider_mews dags_examples tests benchmarks
-	$(BIN)/ruff format --check airflow_provider_mews dags_examples tests benchmarks
+	$(BIN)/ruff check airflow_provider_mews dags_examples tests benchmarks scripts
+	$(BIN)/ruff format --check airflow_provider_mews dags_examples tests benchmarks scripts
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check --fix airflow_provider_mews dags_examples tests benchmarks
-	$(BIN)/ruff format airflow_provider_mews dags_examples tests benchmarks
+	$(BIN)/ruff check --fix airflow_provider_mews dags_examples tests benchmarks scripts
+	$(BIN)/ruff format airflow_provider_mews dags_examples tests benchmarks scripts
 	$(BIN)/mypy
 
 bench: $(STAMP)

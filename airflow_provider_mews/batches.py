@@ -79,7 +79,7 @@ def build_batch(
 
 
 def _row_json(names: Sequence[str], values: Sequence[Any]) -> str:
-    return json.dumps(dict(zip(names, values)), default=str)[:4000]
+    return json.dumps(dict(zip(names, values, strict=False)), default=str)[:4000]
 
 
 @dataclass
@@ -169,7 +169,9 @@ class BatchSender:
                 pending = self._drop_duplicates(batch, pending, result)
                 pending = self._claim(batch, pending, result, claimed)
                 existing = find_existing(self.hook, [batch.items[p] for p in pending]) if pending else {}
-                self._take(result, pending, {pending[i]: mid for i, mid in existing.items()}, "skipped_existing")
+                self._take(
+                    result, pending, {pending[i]: mid for i, mid in existing.items()}, "skipped_existing"
+                )
             self._send(result, pending)
         except StopRun:
             pass
@@ -288,7 +290,9 @@ class BatchSender:
                 if not remaining:
                     return None
                 continue
-            self._take(result, remaining, {p: m["Id"] for p, m in zip(remaining, created)}, "added")
+            self._take(
+                result, remaining, {p: m["Id"] for p, m in zip(remaining, created, strict=True)}, "added"
+            )
             return None
         raise MewsError(
             f"a batch stayed in doubt after {MAX_DOUBT_ROUNDS} reconcile rounds, the last answer being: "

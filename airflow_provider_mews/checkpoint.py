@@ -67,7 +67,9 @@ class Checkpoint:
     since: str  # ISO UTC: nothing this task added can be older
     batch_size: int
     dispatched: int = 0  # batches with index < dispatched may have been sent
-    done: dict[str, list[Any]] = field(default_factory=dict)  # index -> [fingerprint, added, skipped, rejected]
+    done: dict[str, list[Any]] = field(
+        default_factory=dict
+    )  # index -> [fingerprint, added, skipped, rejected]
     resumed: bool = False  # loaded from an earlier try
     _store: StateStore | None = None
     _dirty: bool = False
@@ -87,7 +89,9 @@ class Checkpoint:
             )
         if saved:
             # Batches of another size can't be matched: reconcile every batch instead.
-            resumed = cls(since=saved["since"], batch_size=batch_size, dispatched=2**62, resumed=True, _store=store)
+            resumed = cls(
+                since=saved["since"], batch_size=batch_size, dispatched=2**62, resumed=True, _store=store
+            )
             resumed.flush(force=True)
             return resumed
         checkpoint = cls(since=since, batch_size=batch_size, _store=store)

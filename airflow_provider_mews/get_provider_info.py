@@ -40,7 +40,7 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     },
     "timeout": {
         "label": "Timeout (seconds)",
-        "description": "Read timeout of one request; default 30.",
+        "description": "Seconds one request may take to answer completely; default 30.",
         "schema": {"type": ["number", "null"]},
     },
 }
@@ -59,9 +59,7 @@ def get_provider_info() -> dict[str, Any]:
                 "tags": ["service"],
             }
         ],
-        "hooks": [
-            {"integration-name": "Mews", "python-modules": ["airflow_provider_mews.hooks.mews"]}
-        ],
+        "hooks": [{"integration-name": "Mews", "python-modules": ["airflow_provider_mews.hooks.mews"]}],
         "operators": [
             {
                 "integration-name": "Mews",

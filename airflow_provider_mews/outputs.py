@@ -60,7 +60,9 @@ KEY_COLUMNS = ("dag_id", "run_id", "task_id", "map_index")
 class TableOutput:
     """Writes outcomes and/or rejections to tables on a common-sql connection (created if missing)."""
 
-    def __init__(self, hook: Any, key: RunKey, results_table: str | None, rejections_table: str | None) -> None:
+    def __init__(
+        self, hook: Any, key: RunKey, results_table: str | None, rejections_table: str | None
+    ) -> None:
         self.hook = hook
         self.key = key
         self.results_table = quote_table(results_table) if results_table else None
@@ -109,7 +111,9 @@ class TableOutput:
                 if rows:
                     names = ", ".join(KEY_COLUMNS + columns)
                     marks = ", ".join([ph] * (len(KEY_COLUMNS) + len(columns)))
-                    cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", [(*key, *r) for r in rows])
+                    cur.executemany(
+                        f"INSERT INTO {table} ({names}) VALUES ({marks})", [(*key, *r) for r in rows]
+                    )
             self._conn.commit()
         except Exception:
             self._conn.rollback()
@@ -135,7 +139,7 @@ class FileOutput:
         for kind, path in self.paths.items():
             if path:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                self._files[kind] = open(path, "a", encoding="utf-8")
+                self._files[kind] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run, closed in close()
 
     def write(
         self, first_row: int, last_row: int, outcomes: Sequence[Outcome], rejections: Sequence[Rejection]

@@ -22,9 +22,7 @@ DEFAULT_MARGIN_S = 0.05
 class SlidingWindowLimiter:
     """Blocks ``acquire()`` until sending one more request keeps the window under its limit."""
 
-    def __init__(
-        self, max_requests: int = DEFAULT_MAX_REQUESTS, period_s: float = DEFAULT_PERIOD_S
-    ) -> None:
+    def __init__(self, max_requests: int = DEFAULT_MAX_REQUESTS, period_s: float = DEFAULT_PERIOD_S) -> None:
         if max_requests < 1 or period_s <= 0:
             raise ValueError("rate limit needs max_requests >= 1 and period_s > 0")
         self.max_requests = max_requests

@@ -39,7 +39,9 @@ def rows_from_value(value: Any) -> list[Mapping[str, Any]]:
     if isinstance(value, Mapping):
         value = [value]
     if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
-        raise SourceError(f"memberships must be a list of dicts (one per membership), got {type(value).__name__}")
+        raise SourceError(
+            f"memberships must be a list of dicts (one per membership), got {type(value).__name__}"
+        )
     for i, row in enumerate(value):
         if not isinstance(row, Mapping):
             raise SourceError(

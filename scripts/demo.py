@@ -67,8 +67,15 @@ def main() -> None:
     bin_dir = Path(sys.executable).parent
     port = free_port()
     sandbox = subprocess.Popen(
-        [sys.executable, "-m", "airflow_provider_mews.testing.sandbox", "--port", str(port),
-         "--state-file", str(HOME / "sandbox-state.jsonl")],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "airflow_provider_mews.testing.sandbox",
+            "--port",
+            str(port),
+            "--state-file",
+            str(HOME / "sandbox-state.jsonl"),
+        ],
         stdout=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
@@ -105,7 +112,8 @@ def report(url: str) -> None:
         ).fetchone()[0]
         outcomes = dict(
             conn.execute(
-                "SELECT outcome, COUNT(*) FROM mews_membership_results WHERE run_id = ? GROUP BY outcome", (run_id,)
+                "SELECT outcome, COUNT(*) FROM mews_membership_results WHERE run_id = ? GROUP BY outcome",
+                (run_id,),
             )
         )
         rejections = conn.execute(

@@ -625,3 +625,11 @@ def test_reset_returns_to_the_start_up_settings():
         check_ok(post(sb, ADD, base_add()))
         check_ok(post(sb, ADD, base_add()))
         check_error(post(sb, ADD, base_add()), 429)
+
+
+def test_schema_copy_matches_the_shared_contract():
+    """tests/data holds a copy so a lone clone can test; it must stay the published contract."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "mews-api" / "loyalty-memberships.schema.json"
+    assert shared.exists(), f"the API contract is expected beside the repository at {shared}"
+    copy = Path(__file__).parent / "data" / "loyalty-memberships.schema.json"
+    assert json.loads(copy.read_text()) == json.loads(shared.read_text())

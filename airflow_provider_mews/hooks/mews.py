@@ -103,9 +103,7 @@ def settings_from_connection(conn: Any) -> MewsSettings:
         )
     parts = urlsplit(host)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise _setting_error(
-            cid, f"host {host!r} must start with https:// (e.g. https://api.mews.com)."
-        )
+        raise _setting_error(cid, f"host {host!r} must start with https:// (e.g. https://api.mews.com).")
     if parts.path or parts.query or parts.fragment:
         raise _setting_error(
             cid,
@@ -306,7 +304,9 @@ class MewsConnectorHook(BaseHook):
 
     # -- calls --
 
-    def call(self, operation: str, payload: Mapping[str, Any] | None = None, *, idempotent: bool = True) -> Any:
+    def call(
+        self, operation: str, payload: Mapping[str, Any] | None = None, *, idempotent: bool = True
+    ) -> Any:
         """POST ``payload`` plus the auth fields to ``operation``; returns the decoded JSON answer.
 
         ``idempotent=False`` (adds) means: never re-send after a failure that may have been
@@ -473,7 +473,7 @@ class MewsConnectorHook(BaseHook):
                 status=200,
                 operation=operation,
             )
-        for sent, item in zip(memberships, created):
+        for sent, item in zip(memberships, created, strict=True):
             if not isinstance(item, dict) or not isinstance(item.get("Id"), str):
                 raise MewsResponseError("a created membership has no Id", status=200, operation=operation)
             if str(item.get("AccountId", "")).lower() != str(sent["AccountId"]).lower():

@@ -129,17 +129,23 @@ class LoyaltyMembershipAddOperator(BaseOperator):
         """Everything that can be checked when the DAG is parsed, with one clear message each."""
         where = f"LoyaltyMembershipAddOperator(task_id={self.task_id!r})"
         if (self.memberships is None) == (self.sql_conn_id is None):
-            raise ValueError(f"{where}: give exactly one source: memberships=... or sql_conn_id=... with table/sql")
+            raise ValueError(
+                f"{where}: give exactly one source: memberships=... or sql_conn_id=... with table/sql"
+            )
         if self.sql_conn_id is not None and (self.table is None) == (self.sql is None):
             raise ValueError(f"{where}: with sql_conn_id give exactly one of table=... or sql=...")
         if self.memberships is not None and (self.table is not None or self.sql is not None):
             raise ValueError(f"{where}: table/sql need sql_conn_id; they cannot be combined with memberships")
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 1000:
-            raise ValueError(f"{where}: batch_size must be 1..1000 (Mews's limit per request), got {self.batch_size!r}")
+            raise ValueError(
+                f"{where}: batch_size must be 1..1000 (Mews's limit per request), got {self.batch_size!r}"
+            )
         if self.if_exists not in IF_EXISTS:
             raise ValueError(f"{where}: if_exists must be 'skip' or 'add', got {self.if_exists!r}")
         if not isinstance(self.max_rejected_rows, int) or self.max_rejected_rows < 0:
-            raise ValueError(f"{where}: max_rejected_rows must be an integer >= 0, got {self.max_rejected_rows!r}")
+            raise ValueError(
+                f"{where}: max_rejected_rows must be an integer >= 0, got {self.max_rejected_rows!r}"
+            )
         if not isinstance(self.max_active_requests, int) or not 1 <= self.max_active_requests <= 64:
             raise ValueError(f"{where}: max_active_requests must be 1..64, got {self.max_active_requests!r}")
         if (self.results_table or self.rejections_table) and not self.output_conn_id:
@@ -404,4 +410,7 @@ class LoyaltyMembershipAddOperator(BaseOperator):
 
 def _top_reasons(summary: dict[str, Any]) -> str:
     reasons = summary.get("rejection_reasons") or {}
-    return "; ".join(f"{count} x {reason}" for count, reason in ((c, r) for r, c in reasons.items())) or "see log"
+    return (
+        "; ".join(f"{count} x {reason}" for count, reason in ((c, r) for r, c in reasons.items()))
+        or "see log"
+    )

@@ -10,7 +10,9 @@ from airflow_provider_mews.testing.sandbox import (
 __all__ = ["DEMO_ACCESS_TOKEN", "DEMO_CLIENT_TOKEN", "MewsSandbox", "SandboxConfig", "connection_json"]
 
 
-def connection_json(url: str, access_token: str = DEMO_ACCESS_TOKEN, client_token: str = DEMO_CLIENT_TOKEN, **extra: object) -> str:
+def connection_json(
+    url: str, access_token: str = DEMO_ACCESS_TOKEN, client_token: str = DEMO_CLIENT_TOKEN, **extra: object
+) -> str:
     """An ``AIRFLOW_CONN_...`` value pointing a ``mews`` connection at a sandbox."""
     import json
 

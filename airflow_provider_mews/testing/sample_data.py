@@ -18,7 +18,9 @@ COLUMNS = (
 INVALID_KINDS = ("account_id", "is_primary", "points", "expiration_date", "url", "state")
 
 
-def members(count: int, invalid: int = 0, seed: int = 7, program_id: str = PROGRAM_ID) -> Iterator[tuple[Any, ...]]:
+def members(
+    count: int, invalid: int = 0, seed: int = 7, program_id: str = PROGRAM_ID
+) -> Iterator[tuple[Any, ...]]:
     """``count`` rows in COLUMNS order; ``invalid`` of them (spread evenly) fail normalization."""
     rng = random.Random(seed)
     step = count // invalid if invalid else 0
@@ -51,7 +53,9 @@ def members(count: int, invalid: int = 0, seed: int = 7, program_id: str = PROGR
         yield tuple(row)
 
 
-def write_sqlite(path: str, count: int, invalid: int = 0, table: str = "loyalty_members", seed: int = 7) -> None:
+def write_sqlite(
+    path: str, count: int, invalid: int = 0, table: str = "loyalty_members", seed: int = 7
+) -> None:
     """(Re)create ``table`` in the SQLite database at ``path`` with sample members."""
     conn = sqlite3.connect(path)
     try:

@@ -343,7 +343,9 @@ class MewsSandbox:
         for name in ("Code", "MembershipNumber"):
             value = item.get(name)
             if value is not None and (not isinstance(value, str) or len(value) > 255):
-                raise ApiError(400, f"Invalid {where}.{name}: a string of at most 255 characters is required.")
+                raise ApiError(
+                    400, f"Invalid {where}.{name}: a string of at most 255 characters is required."
+                )
         points = item.get("Points")
         if points is not None and (
             not isinstance(points, int) or isinstance(points, bool) or not INT32[0] <= points <= INT32[1]
@@ -512,7 +514,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing --
 
-    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None, raw: bytes | None = None) -> None:
+    def _send(
+        self, status: int, payload: Any, headers: dict[str, str] | None = None, raw: bytes | None = None
+    ) -> None:
         data = raw if raw is not None else json.dumps(payload, separators=(",", ":")).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -608,7 +612,11 @@ class _Handler(BaseHTTPRequestHandler):
         """Faults answered before any work is done. True when the request is finished."""
         name, _, arg = fault.partition(":")
         if name in ("500", "503", "408", "409"):
-            self._send(int(name), {"Message": f"Sandbox fault {name}.", "RequestId": request_id, "Details": None}, headers)
+            self._send(
+                int(name),
+                {"Message": f"Sandbox fault {name}.", "RequestId": request_id, "Details": None},
+                headers,
+            )
         elif name == "502html":
             html = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
             self.send_response(502)
@@ -647,14 +655,18 @@ class _Handler(BaseHTTPRequestHandler):
             data = json.dumps(answer).encode()
             self._send(200, None, headers, raw=data[: len(data) // 2])
         elif name == "fewer200":
-            self._send(200, {**answer, "LoyaltyMemberships": answer.get("LoyaltyMemberships", [])[:-1]}, headers)
+            self._send(
+                200, {**answer, "LoyaltyMemberships": answer.get("LoyaltyMemberships", [])[:-1]}, headers
+            )
         elif name == "nolist200":
             self._send(200, {"Cursor": None}, headers)
         elif name == "wrongtypes200":
             items = [{**m, "Id": 12345} for m in answer.get("LoyaltyMemberships", [])]
             self._send(200, {**answer, "LoyaltyMemberships": items}, headers)
         elif name == "huge200":
-            self._send(200, None, headers, raw=b'{"Padding": "' + b"x" * int(float(arg or 50) * 2**20) + b'"}')
+            self._send(
+                200, None, headers, raw=b'{"Padding": "' + b"x" * int(float(arg or 50) * 2**20) + b'"}'
+            )
         elif name == "slow200":
             data = json.dumps(answer).encode()
             self.send_response(200)
@@ -702,12 +714,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per add of 1000 items")
     parser.add_argument("--getall-latency", type=float, default=0.0, help="seconds per getAll request")
-    parser.add_argument("--rate-limit", type=_rate, default=(200, 30.0), help="REQUESTS/SECONDS, default 200/30")
-    parser.add_argument("--fault", action="append", default=[], metavar="NAME=RATE",
-                        help=f"inject a fault at a rate, e.g. 500=0.1; names: {', '.join(FAULTS)}")
+    parser.add_argument(
+        "--rate-limit", type=_rate, default=(200, 30.0), help="REQUESTS/SECONDS, default 200/30"
+    )
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME=RATE",
+        help=f"inject a fault at a rate, e.g. 500=0.1; names: {', '.join(FAULTS)}",
+    )
     parser.add_argument("--forbid-account", action="append", default=[], help="answer 403 for this AccountId")
-    parser.add_argument("--token", action="append", default=[], metavar="CLIENT:ACCESS",
-                        help="accept this ClientToken:AccessToken pair (the Mews demo pair is always accepted)")
+    parser.add_argument(
+        "--token",
+        action="append",
+        default=[],
+        metavar="CLIENT:ACCESS",
+        help="accept this ClientToken:AccessToken pair (the Mews demo pair is always accepted)",
+    )
     parser.add_argument("--state-file", help="persist memberships here (JSON lines) across restarts")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--verbose", action="store_true")

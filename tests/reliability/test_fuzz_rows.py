@@ -41,11 +41,9 @@ from airflow_provider_mews.memberships import (
     plan_columns,
 )
 
-SCHEMA_PATH = Path(__file__).resolve().parents[3] / "shared" / "mews-api" / "loyalty-memberships.schema.json"
-if not SCHEMA_PATH.exists():  # CI checkouts may keep the contract next to the repository
-    SCHEMA_PATH = Path("/work/shared/mews-api/loyalty-memberships.schema.json")
+# The published contract (tests/data holds a copy of ../shared/mews-api, checked by test_sandbox.py).
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "data" / "loyalty-memberships.schema.json"
 DOCUMENT = json.loads(SCHEMA_PATH.read_text())
-ADD_SCHEMA = DOCUMENT["$defs"]["LoyaltyMembershipAddParameters"]
 
 # RFC 3986 absolute URI: a scheme, then only URI characters, "%" only as a %XX escape, one "#".
 _URI_RE = re.compile(
@@ -377,3 +375,17 @@ def test_known_hostile_values_are_rejected_or_made_valid(field, value):
     names = ["AccountId", "LoyaltyProgramId", "IsPrimary", field]
     values = [str(uuid.uuid4()), str(uuid.uuid4()), True, value]
     assert _check_row(names, {}, [(values, field)]) in ("a", "r")
+
+
+def test_the_validator_is_strict():
+    """The checks above mean something: unknown fields, bad UUIDs and non-URIs are invalid."""
+    good = {"AccountId": str(uuid.uuid4()), "LoyaltyProgramId": str(uuid.uuid4()), "IsPrimary": True}
+    assert VALIDATOR.is_valid(good)
+    for bad in (
+        {**good, "Foo": 1},
+        {**good, "AccountId": "not-a-uuid"},
+        {**good, "Url": "https://example.com/a b"},
+        {**good, "Points": 2**31},
+        {k: v for k, v in good.items() if k != "IsPrimary"},
+    ):
+        assert not VALIDATOR.is_valid(bad), bad
