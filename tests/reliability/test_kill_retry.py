@@ -79,6 +79,14 @@ def slow_sandbox(mews_sandbox: Any, source_db: tuple[Path, Source], monkeypatch:
     (inherited by the ``airflow`` subprocess)."""
     mews_sandbox.add_tokens(DEMO_CLIENT_TOKEN, ACCESS_TOKEN)
     mews_sandbox.configure(add_latency_s=2.0)
+    store = mews_sandbox.state.store
+
+    def counted_store(memberships: list[dict[str, Any]]) -> None:  # one call per stored add
+        store(memberships)
+        with mews_sandbox.state.lock:
+            mews_sandbox.state.stats["stores"] += 1
+
+    monkeypatch.setattr(mews_sandbox.state, "store", counted_store)
     monkeypatch.setenv("AIRFLOW_CONN_MEWS_DEFAULT", mews_conn_json(mews_sandbox.url))
     monkeypatch.setenv(f"AIRFLOW_CONN_{SRC_CONN.upper()}", sqlite_conn_json(source_db[0]))
     return mews_sandbox
@@ -146,14 +154,22 @@ def log_excerpt(log: Path) -> str:
 
 
 def settled(sandbox: Any) -> int:
-    """Memberships stored once the adds the dead worker left in flight are done."""
-    last, since = -1, time.monotonic()
-    while time.monotonic() - since < 2.5:  # an add takes 1 s
-        now = len(sandbox.memberships())
+    """Memberships stored once the adds the dead worker left in flight are done: every add the
+    sandbox received has answered (stored, or refused), and nothing new came for a second."""
+
+    def answered() -> int:
+        stats = sandbox.stats()
+        return stats.get("stores", 0) + sum(n for k, n in stats.items() if k.startswith("status:"))
+
+    last, since = (-1, -1), time.monotonic()
+    while True:
+        now = (sandbox.stats().get("requests:loyaltyMemberships/add", 0), answered())
         if now != last:
             last, since = now, time.monotonic()
+        elif now[0] == now[1] and time.monotonic() - since >= 1.0:
+            return len(sandbox.memberships())
+        assert time.monotonic() - since < 60, f"adds still in flight a minute after the kill: {now}"
         time.sleep(0.1)
-    return last
 
 
 def retry_after_worker_death(dag_id: str, run_id: str) -> Any:
