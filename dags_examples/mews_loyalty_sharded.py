@@ -32,6 +32,7 @@ with DAG(
         mews_conn_id="mews_default",
         sql_conn_id="mews_demo_sqlite",
         pool="mews_api",
+        field_map={"tier_id": "LoyaltyTierId"},
         max_rejected_rows=100,
         results_table="mews_membership_results",
         rejections_table="mews_membership_rejections",

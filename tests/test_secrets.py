@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from airflow.executors.base_executor import BaseExecutor, ExecutorLoader
 from conftest import task_result
+from reliability.secrets_scan import run_dag_with_log_files
 
 from airflow_provider_mews.exceptions import MewsAuthenticationError, MewsError
 from airflow_provider_mews.hooks.mews import MewsConnectorHook
@@ -68,39 +68,6 @@ secrets_dag()
 '''
 
 
-class InlineSupervisorExecutor(BaseExecutor):
-    """Runs each task workload the way a worker does (``supervise_task``: a forked task process,
-    logs written to ``$AIRFLOW_HOME/logs`` by the supervisor), talking to the execution API
-    in-process instead of through an api-server. ``dag.test()`` alone runs tasks inside the test
-    process and writes no task log files."""
-
-    def _process_workloads(self, workload_items):
-        from airflow.sdk.execution_time.supervisor import InProcessTestSupervisor, supervise_task
-
-        for workload in workload_items:
-            key = workload.ti.key
-            self.queued_tasks.pop(key, None)
-            self.running.add(key)
-            exit_code = supervise_task(
-                ti=workload.ti,
-                bundle_info=workload.bundle_info,
-                dag_rel_path=workload.dag_rel_path,
-                token=workload.token,
-                client=InProcessTestSupervisor._api_client(),
-                log_path=workload.log_path,
-            )
-            if exit_code == 0:
-                self.success(key)
-            else:
-                self.fail(key)
-
-    def end(self) -> None:
-        """Every workload already ran to completion in ``_process_workloads``."""
-
-    def terminate(self) -> None:
-        """Nothing runs in the background."""
-
-
 def scan(root: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(root.rglob("*")) if p.is_file())
 
@@ -115,10 +82,7 @@ def test_tokens_are_masked_in_task_logs_and_xcom(run_dag, mews_sandbox, monkeypa
         "AIRFLOW_CONN_MEWS_SECRET_BAD",
         connection_json(mews_sandbox.url, access_token=BAD_ACCESS, client_token=BAD_CLIENT),
     )
-    monkeypatch.setattr(
-        ExecutorLoader, "get_default_executor", classmethod(lambda cls: InlineSupervisorExecutor())
-    )
-    dr = run_dag(DAG_ID, DAG_SOURCE, use_executor=True)
+    dr = run_dag_with_log_files(run_dag, DAG_ID, DAG_SOURCE, monkeypatch)
 
     assert dr.get_task_instance("succeeding").state == "success"
     assert dr.get_task_instance("failing").state == "failed"
