@@ -45,8 +45,10 @@ def dag_file(body: str) -> str:
 
 def counts_add_up(summary: dict) -> bool:
     """The summary's invariant when the source's size is known (see ``progress.py``)."""
-    return summary["rows_read"] <= summary["rows_total"] == (
-        summary["added"] + summary["skipped_existing"] + summary["rejected"] + summary["not_reached"]
+    return (
+        summary["rows_read"]
+        <= summary["rows_total"]
+        == (summary["added"] + summary["skipped_existing"] + summary["rejected"] + summary["not_reached"])
     )
 
 

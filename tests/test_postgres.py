@@ -179,6 +179,30 @@ def test_sql_source_streams_through_a_server_side_cursor(pg, postgres_uri, drive
     assert sessions_end(pg, app), "the source must close its connection"
 
 
+def test_a_stopped_source_is_counted_by_the_server(pg, postgres_uri, driver, monkeypatch):
+    """A run that stops mid-stream closes the server-side cursor and asks the server for
+    ``SELECT COUNT(*)`` of the table or query (dict-row connections too), never reading the rest."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    load_members(pg, "count_members", 2_500)
+    dict_rows = "dictcursor" if driver == "psycopg3" else "realdictcursor"
+    monkeypatch.setenv("AIRFLOW_CONN_MEWS_PG_COUNT", postgres_connection(postgres_uri, cursor=dict_rows))
+    for kwargs, expected in (
+        ({"table": "count_members", "sql": None}, 2_500),
+        (
+            {"table": None, "sql": "SELECT * FROM count_members WHERE member_id > 500 ORDER BY member_id;"},
+            2_000,
+        ),
+    ):
+        source = SqlSource(PostgresHook(postgres_conn_id="mews_pg_count"), chunk_size=1_000, **kwargs)
+        source.open()
+        try:
+            assert len(next(iter(source.chunks()))) == 1_000
+            assert source.count() == expected, kwargs
+        finally:
+            source.close()
+
+
 def test_sql_source_maps_postgres_types(pg, postgres_uri, driver, monkeypatch):
     """Native column types (uuid, boolean, date, numeric, timestamptz) become valid Mews values."""
     from airflow.providers.postgres.hooks.postgres import PostgresHook
