@@ -206,19 +206,14 @@ class BatchSender:
     def _take(result: BatchResult, pending: list[int], found: dict[int, str], outcome: str) -> None:
         if not found:
             return
-        batch = result.batch
-        for pos in sorted(found):
-            item = batch.items[pos]
-            result.outcomes.append(
-                Outcome(
-                    batch.item_rows[pos],
-                    item["AccountId"],
-                    item["LoyaltyProgramId"],
-                    item.get("Code"),
-                    found[pos],
-                    outcome,
-                )
-            )
+        items, rows = result.batch.items, result.batch.item_rows
+        result.outcomes.extend(
+            [
+                Outcome(rows[pos], item["AccountId"], item["LoyaltyProgramId"], item.get("Code"), mid, outcome)
+                for pos, mid in sorted(found.items())
+                for item in (items[pos],)
+            ]
+        )
         pending[:] = [p for p in pending if p not in found]
 
     @staticmethod

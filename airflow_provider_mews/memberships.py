@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -193,13 +194,23 @@ def normalize_many(plan: ColumnPlan, rows: Sequence[Sequence[Any]]) -> list[dict
                 slow.update(where)
             else:
                 absent.append((field, where))
-    items: list[Any] = [dict(zip(fields, t, strict=True)) for t in zip(*values, strict=True)]
+    items: list[Any] = list(map(_dict_maker(tuple(fields)), *values))
     for field, where in absent:
         for i in where:
             del items[i][field]
     for i in slow:
         items[i] = _normalize_or_reason(plan, rows[i])
     return items
+
+
+@functools.lru_cache(maxsize=64)
+def _dict_maker(fields: tuple[str, ...]) -> Callable[..., dict[str, Any]]:
+    """``lambda a0, a1, ...: {"AccountId": a0, ...}``: a dict display builds a row twice as fast as
+    ``dict(zip(...))``. Only Mews field names (constants of this module) ever reach the source."""
+    assert all(f in MEWS_FIELDS for f in fields)
+    args = ", ".join(f"a{i}" for i in range(len(fields)))
+    pairs = ", ".join(f"{f!r}: a{i}" for i, f in enumerate(fields))
+    return eval(f"lambda {args}: {{{pairs}}}")  # type: ignore[no-any-return]  # noqa: S307
 
 
 def _normalize_or_reason(plan: ColumnPlan, values: Sequence[Any]) -> dict[str, Any] | RowRejected:

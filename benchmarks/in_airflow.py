@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.in_airflow --rows 100000,1000000`` runs the DAG
 ``benchmarks/dags/mews_bench_in_airflow.py`` (SQLite source, batches of 1000,
-``if_exists="add"``, outcome tables) with the real Airflow CLI against
+``if_exists="add"``; ``--outputs`` adds the outcome tables) with the real Airflow CLI against
 :mod:`benchmarks.fast_mews` (own process, no latency, no limit; the connection's
 ``rate_limit_requests`` lifted), and reads the CPU (user + sys, every thread and every
 child process: the task runs in a child of the supervisor) of each whole ``airflow dags
@@ -75,10 +75,13 @@ def _call(url: str, path: str, post: bool = False) -> Any:
 class Runner:
     """One AIRFLOW_HOME (migrated once), one SQLite source, one stand-in; many DAG runs."""
 
-    def __init__(self, workdir: Path, url: str, source_rows: int, outputs: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, url: str, source_rows: int, outputs: bool = False, cache: Path | None = None
+    ) -> None:
         self.workdir = workdir
         self.url = url
         self.db = workdir / "members.db"
+        cached = cache / f"members-{source_rows}.db" if cache else None
         home = workdir / "airflow_home"
         home.mkdir(exist_ok=True)
         self.env = os.environ.copy()
@@ -96,8 +99,14 @@ class Runner:
             }
         )
         self.airflow = str(Path(sys.executable).parent / "airflow")
-        log(f"writing {source_rows:,} sample rows to SQLite")
-        sample_data.write_sqlite(str(self.db), source_rows)
+        if cached is not None and cached.exists():
+            shutil.copyfile(cached, self.db)
+        else:
+            log(f"writing {source_rows:,} sample rows to SQLite")
+            sample_data.write_sqlite(str(self.db), source_rows)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.db, cached)
         subprocess.run([self.airflow, "db", "migrate"], env=self.env, capture_output=True, check=True)
 
     def run(self, rows: int, profile: Path | None = None) -> dict[str, Any]:
@@ -144,14 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.in_airflow", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="100000,1000000", help="comma-separated sizes")
     parser.add_argument("--base-rows", type=int, default=1000)
-    parser.add_argument("--no-outputs", action="store_true", help="without results/rejections tables")
+    parser.add_argument("--outputs", action="store_true", help="also write the results/rejections tables")
+    parser.add_argument("--cache", type=Path, help="keep the generated SQLite source here for the next run")
     parser.add_argument("--profile", type=Path, help="py-spy speedscope profile of one run of the largest size")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.rows.split(",") if s]
     workdir = Path(tempfile.mkdtemp(prefix="mews-in-airflow-"))
     try:
         with fast_mews(workdir) as url:
-            runner = Runner(workdir, url, max(sizes + [args.base_rows]), outputs=not args.no_outputs)
+            runner = Runner(workdir, url, max([*sizes, args.base_rows]), outputs=args.outputs, cache=args.cache)
             if args.profile:
                 result = runner.run(max(sizes), profile=args.profile)
                 log(f"profile written to {args.profile} ({result['cpu_s']:.1f} s CPU)")
