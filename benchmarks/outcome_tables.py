@@ -4,7 +4,8 @@
 :class:`~airflow_provider_mews.outputs.TableOutput` the way the operator does (one write
 per batch of 1000: delete the batch's range when it may have been written, then insert),
 one new DAG run after another into the same results and rejections tables, and prints the
-median time (wall and CPU) per batch write of the first and the last runs. ``--retry``
+median time (wall and CPU) per batch write of the first and the last runs, and of one run
+into empty tables right after the last (the same load, so the fair comparison). ``--retry``
 makes every run a retried try (its rows were there when it opened the tables), so each
 batch also pays the indexed delete; ``--legacy`` drops the index and rewrites every batch,
 as versions before the index did, for comparison.
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         size_mb = Path(db).stat().st_size / 2**20
         with sqlite3.connect(db) as conn:
             held = conn.execute(f"SELECT COUNT(*) FROM {RESULTS}").fetchone()[0]
+        # The same run into empty tables now, under the machine's load of now: the fair baseline
+        # for the last runs (CPU time per call drifts with the load of other processes).
+        control = one_run(os.path.join(tmp, "control.db"), 1, args.rows, args.retry, args.legacy)
     first, last = per_run[:5], per_run[-5:]
     summary = {
         "runs": args.runs,
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         "last_5_runs_cpu_ms_per_batch": round(statistics.median(r["cpu_ms_per_batch"] for r in last), 3),
         "first_5_runs_wall_ms_per_batch": round(statistics.median(r["wall_ms_per_batch"] for r in first), 3),
         "last_5_runs_wall_ms_per_batch": round(statistics.median(r["wall_ms_per_batch"] for r in last), 3),
+        "control_empty_tables_cpu_ms_per_batch": round(statistics.median(t[1] for t in control) * 1e3, 3),
+        "control_empty_tables_wall_ms_per_batch": round(statistics.median(t[0] for t in control) * 1e3, 3),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(summary, indent=2))
