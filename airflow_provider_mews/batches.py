@@ -209,7 +209,9 @@ class BatchSender:
         items, rows = result.batch.items, result.batch.item_rows
         result.outcomes.extend(
             [
-                Outcome(rows[pos], item["AccountId"], item["LoyaltyProgramId"], item.get("Code"), mid, outcome)
+                Outcome(
+                    rows[pos], item["AccountId"], item["LoyaltyProgramId"], item.get("Code"), mid, outcome
+                )
                 for pos, mid in sorted(found.items())
                 for item in (items[pos],)
             ]

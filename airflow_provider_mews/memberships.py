@@ -210,7 +210,7 @@ def _dict_maker(fields: tuple[str, ...]) -> Callable[..., dict[str, Any]]:
     assert all(f in MEWS_FIELDS for f in fields)
     args = ", ".join(f"a{i}" for i in range(len(fields)))
     pairs = ", ".join(f"{f!r}: a{i}" for i, f in enumerate(fields))
-    return eval(f"lambda {args}: {{{pairs}}}")  # type: ignore[no-any-return]  # noqa: S307
+    return eval(f"lambda {args}: {{{pairs}}}")  # type: ignore[no-any-return]
 
 
 def _normalize_or_reason(plan: ColumnPlan, values: Sequence[Any]) -> dict[str, Any] | RowRejected:
@@ -236,7 +236,7 @@ def _column(field: str, fn: Callable[[Any], Any], column: Sequence[Any]) -> tupl
             if _URL_LINES_RE.fullmatch(joined) and joined.count("\n") == len(column) - 1:
                 return column, False, False
     elif types == {int} and field == "Points":
-        if INT32_MIN <= min(column) and max(column) <= INT32_MAX:
+        if min(column) >= INT32_MIN and max(column) <= INT32_MAX:
             return column, False, False
     elif field == "Url" and types == {str, _NONE_TYPE}:
         present = [v for v in column if v is not None]
@@ -247,7 +247,7 @@ def _column(field: str, fn: Callable[[Any], Any], column: Sequence[Any]) -> tupl
     if len(types) <= 1 and types <= {str, int}:
         # Equal values of one type (str or int, never bool) normalize alike: once per distinct value.
         memo = {v: _one(fn, v) for v in set(column)}
-        results = memo.values()
+        results: Iterable[Any] = memo.values()
         out: Sequence[Any] = [memo[v] for v in column]
     else:
         out = results = [_one(fn, v) for v in column]

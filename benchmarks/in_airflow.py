@@ -67,7 +67,9 @@ def fast_mews(workdir: Path) -> Iterator[str]:
 
 
 def _call(url: str, path: str, post: bool = False) -> Any:
-    request = urllib.request.Request(url + path, data=b"{}" if post else None, method="POST" if post else "GET")
+    request = urllib.request.Request(
+        url + path, data=b"{}" if post else None, method="POST" if post else "GET"
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -117,7 +119,7 @@ class Runner:
         _call(self.url, "/_sandbox/reset", post=True)
         command = [self.airflow, "dags", "test", DAG_ID]
         if profile is not None:
-            command = ["py-spy", "record", "--subprocesses", "--rate", "50", "--format", "speedscope",
+            command = ["py-spy", "record", "--subprocesses", "--gil", "--rate", "50", "--format", "speedscope",
                        "-o", str(profile), "--", *command]  # fmt: skip
         env = {**self.env, "MEWS_BENCH_ROWS": str(rows)}
         out_path = self.workdir / f"dags_test_{rows}.log"
@@ -150,18 +152,24 @@ def measure(runner: Runner, sizes: list[int], base_rows: int, base_repeats: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.in_airflow", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.in_airflow", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--rows", default="100000,1000000", help="comma-separated sizes")
     parser.add_argument("--base-rows", type=int, default=1000)
     parser.add_argument("--outputs", action="store_true", help="also write the results/rejections tables")
     parser.add_argument("--cache", type=Path, help="keep the generated SQLite source here for the next run")
-    parser.add_argument("--profile", type=Path, help="py-spy speedscope profile of one run of the largest size")
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy speedscope profile of one run of the largest size"
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.rows.split(",") if s]
     workdir = Path(tempfile.mkdtemp(prefix="mews-in-airflow-"))
     try:
         with fast_mews(workdir) as url:
-            runner = Runner(workdir, url, max([*sizes, args.base_rows]), outputs=args.outputs, cache=args.cache)
+            runner = Runner(
+                workdir, url, max([*sizes, args.base_rows]), outputs=args.outputs, cache=args.cache
+            )
             if args.profile:
                 result = runner.run(max(sizes), profile=args.profile)
                 log(f"profile written to {args.profile} ({result['cpu_s']:.1f} s CPU)")

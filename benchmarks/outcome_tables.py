@@ -46,11 +46,19 @@ class _SqliteHook:
 def _batch(first_row: int) -> tuple[list[Outcome], list[Rejection]]:
     program = "f701dafb-5765-4cf4-b1dd-1f602a740ae5"
     outcomes = [
-        Outcome(first_row + i, str(uuid.UUID(int=first_row + i)), program, f"MBR-{first_row + i:08d}",
-                str(uuid.UUID(int=2**100 + first_row + i)), "added")  # fmt: skip
+        Outcome(
+            first_row + i,
+            str(uuid.UUID(int=first_row + i)),
+            program,
+            f"MBR-{first_row + i:08d}",
+            str(uuid.UUID(int=2**100 + first_row + i)),
+            "added",
+        )
         for i in range(BATCH - 1)
     ]
-    rejections = [Rejection(first_row + BATCH - 1, "not-a-uuid", "AccountId", "invalid AccountId", None, "{}")]
+    rejections = [
+        Rejection(first_row + BATCH - 1, "not-a-uuid", "AccountId", "invalid AccountId", None, "{}")
+    ]
     return outcomes, rejections
 
 
@@ -74,7 +82,9 @@ def one_run(db: str, run_no: int, rows: int, retry: bool, legacy: bool) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.outcome_tables", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.outcome_tables", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--retry", action="store_true", help="every run rewrites (as a retried try does)")

@@ -520,7 +520,14 @@ def test_outcome_tables_get_the_rewrite_index_and_a_retry_rewrites_without_dupli
     retried try replaces the batches an earlier try wrote and adds the rest, nothing twice."""
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
-    from airflow_provider_mews.outputs import INDEX_COLUMNS, Outcome, Rejection, RunKey, TableOutput, index_name
+    from airflow_provider_mews.outputs import (
+        INDEX_COLUMNS,
+        Outcome,
+        Rejection,
+        RunKey,
+        TableOutput,
+        index_name,
+    )
 
     monkeypatch.setenv("AIRFLOW_CONN_MEWS_OUTCOMES_PG", postgres_connection(postgres_uri))
     results, rejections = f"mews_out.old_results_{driver}", f"mews_out.new_rejections_{driver}"
@@ -534,7 +541,9 @@ def test_outcome_tables_get_the_rewrite_index_and_a_retry_rewrites_without_dupli
     key = RunKey("dag", f"manual__{driver}", "add_memberships", 3)
 
     def write(out: TableOutput, start: int, tag: str) -> None:
-        outcomes = [Outcome(r, f"acc-{r}", "prog", None, f"{tag}-{r}", "added") for r in range(start, start + 999)]
+        outcomes = [
+            Outcome(r, f"acc-{r}", "prog", None, f"{tag}-{r}", "added") for r in range(start, start + 999)
+        ]
         out.write(start, start + 999, outcomes, [Rejection(start + 999, None, "Points", tag)])
 
     first = TableOutput(PostgresHook(postgres_conn_id="mews_outcomes_pg"), key, results, rejections)
