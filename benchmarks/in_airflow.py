@@ -78,7 +78,13 @@ class Runner:
     """One AIRFLOW_HOME (migrated once), one SQLite source, one stand-in; many DAG runs."""
 
     def __init__(
-        self, workdir: Path, url: str, source_rows: int, outputs: bool = False, cache: Path | None = None
+        self,
+        workdir: Path,
+        url: str,
+        source_rows: int,
+        outputs: bool = False,
+        cache: Path | None = None,
+        provider_path: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.url = url
@@ -97,7 +103,9 @@ class Runner:
                     url, rate_limit_requests=NO_LIMIT_REQUESTS, rate_limit_period=1.0
                 ),
                 "MEWS_BENCH_OUTPUTS": "1" if outputs else "0",
-                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+                "PYTHONPATH": os.pathsep.join(
+                    str(p) for p in (provider_path, ROOT, os.environ.get("PYTHONPATH")) if p
+                ),
             }
         )
         self.airflow = str(Path(sys.executable).parent / "airflow")
@@ -133,7 +141,14 @@ class Runner:
         if proc.returncode != 0 or stored != rows:
             tail = out_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"dags test of {rows} rows: exit {proc.returncode}, {stored} stored\n{tail}")
-        return {"rows": rows, "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": wall}
+        return {
+            "rows": rows,
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+            "user_s": usage.ru_utime,
+            "sys_s": usage.ru_stime,
+            "wall_s": wall,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        }
 
 
 def measure(runner: Runner, sizes: list[int], base_rows: int, base_repeats: int = 2) -> dict[str, Any]:
@@ -145,9 +160,12 @@ def measure(runner: Runner, sizes: list[int], base_rows: int, base_repeats: int 
     for rows in sizes:
         result = runner.run(rows)
         result["us_per_row"] = (result["cpu_s"] - base_cpu) / (rows - base_rows) * 1e6
+        result["sys_us_per_row"] = (
+            (result["sys_s"] - statistics.median(r["sys_s"] for r in base)) / (rows - base_rows) * 1e6
+        )
         out["sizes"][str(rows)] = result
         log(f"{rows:,} rows: {result['cpu_s']:.1f} s CPU, {result['wall_s']:.1f} s wall, "
-            f"{result['us_per_row']:.2f} us/row in Airflow")  # fmt: skip
+            f"{result['us_per_row']:.2f} us/row in Airflow ({result['sys_us_per_row']:.2f} of it sys)")  # fmt: skip
     return out
 
 
@@ -160,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outputs", action="store_true", help="also write the results/rejections tables")
     parser.add_argument("--cache", type=Path, help="keep the generated SQLite source here for the next run")
     parser.add_argument(
+        "--provider-path",
+        type=Path,
+        help="import airflow_provider_mews from this checkout (compare versions)",
+    )
+    parser.add_argument(
         "--profile", type=Path, help="py-spy speedscope profile of one run of the largest size"
     )
     args = parser.parse_args(argv)
@@ -167,9 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mews-in-airflow-"))
     try:
         with fast_mews(workdir) as url:
-            runner = Runner(
-                workdir, url, max([*sizes, args.base_rows]), outputs=args.outputs, cache=args.cache
-            )
+            biggest = max([*sizes, args.base_rows])
+            runner = Runner(workdir, url, biggest, args.outputs, args.cache, args.provider_path)
             if args.profile:
                 result = runner.run(max(sizes), profile=args.profile)
                 log(f"profile written to {args.profile} ({result['cpu_s']:.1f} s CPU)")
