@@ -204,7 +204,7 @@ class MembershipRun:
         self.budget.spend(len(batch.rejected))
         if self.budget.exceeded:
             self.stop.set()
-            self.settle(BatchResult(batch, rejected=list(batch.rejected)))
+            self.settle(BatchResult(batch, rejected=list(batch.rejected)), may_have_been_written=True)
             return
         limit = self.settings.max_active_requests
         while self.inflight and (len(self.inflight) >= limit or not ck.within_window(batch.index)):
@@ -231,11 +231,20 @@ class MembershipRun:
             self.inflight.discard(future)
             self.settle(future.result())
 
-    def settle(self, result: BatchResult) -> None:
-        """A batch's end: its outcomes written, counted, and (when complete) checkpointed."""
+    def settle(self, result: BatchResult, may_have_been_written: bool | None = None) -> None:
+        """A batch's end: its outcomes written, counted, and (when complete) checkpointed.
+
+        Outcomes of a batch an earlier try may have written replace that try's rows; a batch
+        beyond every earlier try's dispatch mark is only inserted (no DELETE to pay). Without a
+        checkpoint to say so, assume it may have been written."""
         batch = result.batch
+        ck = self.checkpoint
+        if may_have_been_written is None:
+            may_have_been_written = not ck.resumed or ck.maybe_sent(batch.index)
         for out in self.outputs:
-            out.write(batch.first_row, batch.last_row, result.outcomes, result.rejected)
+            out.write(
+                batch.first_row, batch.last_row, result.outcomes, result.rejected, may_have_been_written
+            )
         added, skipped = result.added, result.skipped
         self.tally.added += added
         self.tally.skipped_existing += skipped
