@@ -129,7 +129,9 @@ class Runner:
         if profile is not None:
             command = ["py-spy", "record", "--subprocesses", "--gil", "--rate", "50", "--format", "speedscope",
                        "-o", str(profile), "--", *command]  # fmt: skip
-        env = {**self.env, "MEWS_BENCH_ROWS": str(rows)}
+        cpu_file = self.workdir / f"task_cpu_{rows}.txt"
+        cpu_file.unlink(missing_ok=True)
+        env = {**self.env, "MEWS_BENCH_ROWS": str(rows), "MEWS_BENCH_CPU_FILE": str(cpu_file)}
         out_path = self.workdir / f"dags_test_{rows}.log"
         started = time.perf_counter()
         with open(out_path, "wb") as out:
@@ -141,8 +143,15 @@ class Runner:
         if proc.returncode != 0 or stored != rows:
             tail = out_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"dags test of {rows} rows: exit {proc.returncode}, {stored} stored\n{tail}")
+        marks = [line.split() for line in cpu_file.read_text().splitlines()] if cpu_file.exists() else []
+        task_cpu = (
+            float(marks[1][1]) - float(marks[0][1])
+            if len(marks) == 2 and marks[0][0] == marks[1][0]
+            else None
+        )
         return {
             "rows": rows,
+            "task_cpu_s": task_cpu,
             "cpu_s": usage.ru_utime + usage.ru_stime,
             "user_s": usage.ru_utime,
             "sys_s": usage.ru_stime,
@@ -160,12 +169,15 @@ def measure(runner: Runner, sizes: list[int], base_rows: int, base_repeats: int 
     for rows in sizes:
         result = runner.run(rows)
         result["us_per_row"] = (result["cpu_s"] - base_cpu) / (rows - base_rows) * 1e6
+        if result["task_cpu_s"] is not None:
+            result["task_us_per_row"] = result["task_cpu_s"] / rows * 1e6
         result["sys_us_per_row"] = (
             (result["sys_s"] - statistics.median(r["sys_s"] for r in base)) / (rows - base_rows) * 1e6
         )
         out["sizes"][str(rows)] = result
         log(f"{rows:,} rows: {result['cpu_s']:.1f} s CPU, {result['wall_s']:.1f} s wall, "
-            f"{result['us_per_row']:.2f} us/row in Airflow ({result['sys_us_per_row']:.2f} of it sys)")  # fmt: skip
+            f"{result['us_per_row']:.2f} us/row in Airflow ({result['sys_us_per_row']:.2f} of it sys); "
+            f"task start to end: {result.get('task_us_per_row', float('nan')):.2f} us/row")  # fmt: skip
     return out
 
 

@@ -30,6 +30,7 @@ from airflow_provider_mews.exceptions import (
     MewsNotFoundError,
     MewsRateLimitError,
     MewsRequestTimeoutError,
+    MewsResponseError,
     MewsServerError,
 )
 from airflow_provider_mews.hooks.mews import MewsConnectorHook, parse_retry_after
@@ -556,3 +557,30 @@ def test_sliding_window_limiter_rejects_nonsense():
         SlidingWindowLimiter(0, 1.0)
     with pytest.raises(ValueError):
         SlidingWindowLimiter(1, 0)
+
+
+def test_add_ids_only_returns_the_ids_in_the_order_sent(make_hook, mews_sandbox):
+    """The typed decoder the operator uses: only the Ids, paired with the rows by position."""
+    batch = items(20)
+    ids = make_hook().add_loyalty_memberships(batch, ids_only=True)
+    stored = mews_sandbox.memberships()
+    assert ids == [m["Id"] for m in stored]
+    assert [m["Code"] for m in stored] == [b["Code"] for b in batch]
+
+
+def test_add_ids_only_refuses_an_answer_out_of_order(make_hook, mews_sandbox, monkeypatch):
+    """Ids that cannot be paired with their rows are never reported: the caller reconciles."""
+    import msgspec
+
+    hook = make_hook()
+    real = hook._decode
+
+    def swapped(response, operation, ids_only=False):
+        answer = real(response, operation, ids_only)
+        first, second, *rest = answer.LoyaltyMemberships
+        return msgspec.structs.replace(answer, LoyaltyMemberships=[second, first, *rest])
+
+    monkeypatch.setattr(hook, "_decode", swapped)
+    with pytest.raises(MewsResponseError, match="not come back in the order sent") as caught:
+        hook.add_loyalty_memberships(items(3), ids_only=True)
+    assert caught.value.may_have_been_processed is True

@@ -7,6 +7,8 @@ whole process tree. Batches of 1000, ``if_exists="add"``; with MEWS_BENCH_OUTPUT
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 import pendulum
 
@@ -18,6 +20,17 @@ except ImportError:  # Airflow 2.11
     from airflow import DAG  # type: ignore[no-redef,attr-defined]
 
 ROWS = int(os.environ.get("MEWS_BENCH_ROWS", "1000"))
+#: Where to write the process CPU (all threads) at the task's start and end: ``airflow dags test``
+#: runs the task in its own process on Airflow 3.3, so this is the task's CPU, start-up excluded.
+CPU_FILE = os.environ.get("MEWS_BENCH_CPU_FILE")
+
+
+def _mark(context: Any, result: Any = None) -> None:
+    if CPU_FILE:
+        with open(CPU_FILE, "a", encoding="utf-8") as fh:
+            fh.write(f"{os.getpid()} {time.process_time()}\n")
+
+
 OUTPUTS = os.environ.get("MEWS_BENCH_OUTPUTS", "0") == "1"
 
 with DAG(
@@ -37,4 +50,6 @@ with DAG(
         results_table="mews_membership_results" if OUTPUTS else None,
         rejections_table="mews_membership_rejections" if OUTPUTS else None,
         retries=0,
+        pre_execute=_mark,
+        post_execute=_mark,
     )

@@ -91,13 +91,15 @@ STORED_THEN_HOSTILE = {
 }
 
 
+@pytest.mark.parametrize("ids_only", [False, True], ids=["full", "ids_only"])
 @pytest.mark.parametrize("fault", sorted(STORED_THEN_HOSTILE))
-def test_hook_refuses_a_hostile_200_and_says_it_may_be_stored(fault, sandbox, monkeypatch, scanner):
+def test_hook_refuses_a_hostile_200_and_says_it_may_be_stored(fault, ids_only, sandbox, monkeypatch, scanner):
+    """Both decoders (the full one and the typed one the operator uses) refuse alike."""
     conn_id = _use_connection(monkeypatch, sandbox.url)
     hook = MewsConnectorHook(conn_id)
     sandbox.configure(fault_script=[fault])
     with pytest.raises(MewsResponseError) as caught:
-        hook.add_loyalty_memberships(_items(20))
+        hook.add_loyalty_memberships(_items(20), ids_only=ids_only)
     exc = caught.value
     assert exc.may_have_been_processed is True
     assert exc.status == 200 and exc.operation == "loyaltyMemberships/add"
