@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 import psycopg
 import pytest
-from conftest import DAGS_DIR, ROOT, task_result
+from conftest import DAGS_DIR, ROOT, needs, task_result
 
 from airflow_provider_mews.memberships import normalize, plan_columns
 from airflow_provider_mews.sources import SourceError, SqlSource
@@ -69,9 +69,10 @@ def postgres_uri() -> Iterator[str]:
     )
     if started.returncode != 0:
         subprocess.run(["bash", str(START_POSTGRES), "stop", cluster], capture_output=True, timeout=60)
-        pytest.fail(
-            "could not start a local PostgreSQL for the Postgres tests; install Debian's `postgresql` "
-            f"or set MEWS_TEST_POSTGRES_URI.\n{started.stderr.strip()}"
+        needs(
+            "a PostgreSQL server",
+            "install Debian's `postgresql` (the tests start a private cluster) or set "
+            f"MEWS_TEST_POSTGRES_URI=postgresql://... ({started.stderr.strip().splitlines()[-1:]})",
         )
     try:
         yield started.stdout.strip().splitlines()[-1]

@@ -1,7 +1,7 @@
 """A local stand-in for the Mews Connector API, faithful to ``loyaltyMemberships/add`` and ``getAll``.
 
 It is a real HTTP server on loopback: the demo, the tests and the benchmarks run against
-it, and users run it (``mews-sandbox --port 8080``) to try their DAGs offline. It checks
+it, and users run it (``mews-sandbox``, port 8780) to try their DAGs offline. It checks
 tokens (401), validates every field as the published schema says (400, unknown fields
 refused), enforces the sliding-window rate limit per AccessToken (429 + Retry-After),
 always answers with a ``Request-Id`` header and JSON error bodies, and can inject the
@@ -36,6 +36,9 @@ DEMO_CLIENT_TOKEN = "E0D439EE522F44368DC78E1BFB03710C-D24FB11DBE31D4621C4817E028
 DEMO_ACCESS_TOKEN = "C66EF7B239D24632943D115EDE9CB810-EA00F8FD8294692C940F6B5A8F9453D"
 SANDBOX_CHAIN_ID = "3fa85f64-5717-4562-b3fc-2c963f66afa6"
 SANDBOX_ENTERPRISE_ID = "851df8c8-90f2-4c4a-8e01-a4fc46b25178"
+#: ``mews-sandbox``'s port: clear of Airflow's (8080 API server, 8793/8794 log servers, 8974
+#: health check), Celery Flower's 5555, Redis's 6379, PostgreSQL's 5432 and Locust's 8089.
+DEFAULT_PORT = 8780
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 #: An absolute URI: a scheme, "://" and a non-empty authority (what urlsplit calls scheme and netloc).
@@ -711,7 +714,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="mews-sandbox", description="Local stand-in for the Mews Connector API (loyalty memberships)."
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per add of 1000 items")
     parser.add_argument("--getall-latency", type=float, default=0.0, help="seconds per getAll request")
     parser.add_argument(
