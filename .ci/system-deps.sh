@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Debian packages the tests need: PostgreSQL (real SQL source) and Chromium (UI test).
+# What the tests need outside Python: Debian's PostgreSQL (real SQL source) and Chromium (UI
+# test), and Prism from npm (independent OpenAPI validator).
 # Installs what is missing only when it can: as root, with apt-get. Otherwise (a developer's
 # account, macOS) it says what is missing and goes on: the tests that need it are skipped and
 # listed at the end of the run, unless MEWS_REQUIRE_ALL_TESTS=1 (CI), which makes them fail.
@@ -8,8 +9,9 @@ need=()
 command -v make >/dev/null || need+=(make)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v pg_config >/dev/null || need+=(postgresql)
 command -v chromium >/dev/null || [ -x "${MEWS_UI_CHROMIUM:-/nonexistent}" ] || need+=(chromium)
-[ ${#need[@]} -gt 0 ] || exit 0
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+if [ ${#need[@]} -eq 0 ]; then
+  :
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing: ${need[*]}"
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
@@ -18,3 +20,5 @@ else
   echo "  The tests that need them are skipped and listed at the end. To run them too:"
   echo "  sudo apt-get install ${need[*]}  (or point MEWS_UI_CHROMIUM / MEWS_TEST_POSTGRES_URI at yours)"
 fi
+# Prism (npm, into .tools/prism: no root needed) for the OpenAPI conformance test.
+bash "$(dirname "$0")/prism.sh" || echo "system-deps: Prism could not be installed; the conformance test will be skipped"

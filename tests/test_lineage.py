@@ -42,7 +42,7 @@ from airflow_provider_mews.operators.loyalty_memberships import LoyaltyMembershi
 
 with DAG("mews_lineage", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False):
     LoyaltyMembershipAddOperator(
-        task_id="from_table", sql_conn_id="lineage_sqlite", table="loyalty_members",
+        task_id="from_table", sql_conn_id="lineage_sqlite", table="loyalty_members", if_exists="add",
         field_map={"tier_id": "LoyaltyTierId"}, max_rejected_rows=10, retries=0,
     )
     LoyaltyMembershipAddOperator(
@@ -58,9 +58,12 @@ with DAG("mews_lineage", schedule=None, start_date=pendulum.datetime(2026, 1, 1,
 ROWS, INVALID, VIPS = 40, 2, 5
 
 
-@pytest.fixture
-def lineage_events(airflow_db, mews_sandbox, tmp_path):
-    """Runs the DAG above with OpenLineage on (file transport); returns its events by task."""
+@pytest.fixture(scope="module")
+def lineage_events(airflow_db, _mews_sandbox_server, tmp_path_factory):
+    """Runs the DAG above once with OpenLineage on (file transport); returns its events by task."""
+    mews_sandbox = _mews_sandbox_server
+    mews_sandbox.reset()
+    tmp_path = tmp_path_factory.mktemp("lineage")
     import json
     import os
     import sqlite3
