@@ -89,7 +89,7 @@ sys.exit(main())
 
 def _chromium() -> str:
     path = os.environ.get("MEWS_UI_CHROMIUM") or shutil.which("chromium") or ""
-    if not Path(path).is_file():
+    if not (Path(path).is_file() and os.access(path, os.X_OK)):
         needs(
             "Chromium",
             "install Debian's chromium (`apt-get install chromium`, done by .ci/system-deps.sh as root) "
