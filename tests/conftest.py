@@ -49,6 +49,9 @@ os.environ["AIRFLOW_HOME"] = str(SESSION_DIR / "airflow")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_DIR)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__TEST_CONNECTION"] = "Enabled"
+# The OpenLineage listener (dev extra) only where a test turns it on (tests/test_lineage.py):
+# elsewhere it would fork and emit events for every task of every test.
+os.environ.setdefault("AIRFLOW__OPENLINEAGE__DISABLED", "True")
 os.environ.pop("AIRFLOW_CONN_MEWS_DEFAULT", None)
 DAGS_DIR.mkdir(parents=True, exist_ok=True)
 for example in (ROOT / "dags_examples").glob("mews_*.py"):
