@@ -4,8 +4,9 @@
 # Without PostgreSQL's server binaries (and not required: MEWS_REQUIRE_ALL_TESTS), nothing is
 # started and the Postgres tests skip, saying how to enable them.
 MEWS_CI_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-if [ -z "${MEWS_TEST_POSTGRES_URI:-}" ] && [ "${MEWS_REQUIRE_ALL_TESTS:-0}" != 1 ] &&
-  ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v pg_config >/dev/null; then
+MEWS_PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+[ -n "$MEWS_PG_BIN" ] || MEWS_PG_BIN=$(pg_config --bindir 2>/dev/null || true)
+if [ -z "${MEWS_TEST_POSTGRES_URI:-}" ] && [ "${MEWS_REQUIRE_ALL_TESTS:-0}" != 1 ] && [ ! -x "$MEWS_PG_BIN/initdb" ]; then
   echo "PostgreSQL for the tests: none (server binaries not found); the Postgres tests will be skipped"
 elif [ -z "${MEWS_TEST_POSTGRES_URI:-}" ]; then
   MEWS_CI_POSTGRES_DIR=$(mktemp -d /tmp/mews-ci-postgres.XXXXXX)

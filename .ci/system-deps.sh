@@ -7,8 +7,12 @@
 set -euo pipefail
 need=()
 command -v make >/dev/null || need+=(make)
-ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v pg_config >/dev/null || need+=(postgresql)
-command -v chromium >/dev/null || [ -x "${MEWS_UI_CHROMIUM:-/nonexistent}" ] || need+=(chromium)
+# As the tests look for them: PostgreSQL's initdb (start-postgres.sh), an executable Chromium.
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+[ -n "$pg_bin" ] || pg_bin=$(pg_config --bindir 2>/dev/null || true)
+[ -x "$pg_bin/initdb" ] || [ -n "${MEWS_TEST_POSTGRES_URI:-}" ] || need+=(postgresql)
+chromium_path=${MEWS_UI_CHROMIUM:-$(command -v chromium || true)}
+{ [ -f "$chromium_path" ] && [ -x "$chromium_path" ]; } || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then
   :
 elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
