@@ -72,7 +72,7 @@ def postgres_uri() -> Iterator[str]:
         needs(
             "a PostgreSQL server",
             "install Debian's `postgresql` (the tests start a private cluster) or set "
-            f"MEWS_TEST_POSTGRES_URI=postgresql://... ({started.stderr.strip().splitlines()[-1:]})",
+            f"MEWS_TEST_POSTGRES_URI=postgresql://... ({' '.join(started.stderr.strip().splitlines()[-1:])})",
         )
     try:
         yield started.stdout.strip().splitlines()[-1]
