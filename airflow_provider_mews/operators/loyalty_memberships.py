@@ -333,15 +333,26 @@ class LoyaltyMembershipAddOperator(BaseOperator):
         return checkpoint
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """Inputs (the source table or query) and outputs (Mews loyalty memberships) for OpenLineage."""
+        """Inputs (the source's tables), output (Mews loyalty memberships, with the rows added)."""
         from airflow_provider_mews.version_compat import BaseHook
 
         sql_conn = BaseHook.get_connection(self.sql_conn_id) if self.sql_conn_id else None
         base_url = MewsConnectorHook(self.mews_conn_id).settings.base_url
-        return openlineage_facets(mews_base_url=base_url, sql_conn=sql_conn, table=self.table, sql=self.sql)
+        return openlineage_facets(
+            mews_base_url=base_url,
+            sql_conn=sql_conn,
+            table=self.table,
+            sql=self.sql,
+            summary=getattr(self, "_lineage_summary", None),
+        )
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        """As on completion: what was added before the failure (the listener adds the error)."""
+        return self.get_openlineage_facets_on_complete(task_instance)
 
     def _push_summary(self, context: Any, summary: dict[str, Any]) -> None:
         """The summary is an XCom even when the task fails, so nothing needs the logs."""
+        self._lineage_summary = summary  # for OpenLineage, which may ask from a forked process
         try:
             context["ti"].xcom_push(key="mews_summary", value=summary)
         except Exception as exc:  # the summary is also in the log

@@ -1,7 +1,7 @@
 """A local stand-in for the Mews Connector API, faithful to ``loyaltyMemberships/add`` and ``getAll``.
 
 It is a real HTTP server on loopback: the demo, the tests and the benchmarks run against
-it, and users run it (``mews-sandbox --port 8080``) to try their DAGs offline. It checks
+it, and users run it (``mews-sandbox``, port 8780) to try their DAGs offline. It checks
 tokens (401), validates every field as the published schema says (400, unknown fields
 refused), enforces the sliding-window rate limit per AccessToken (429 + Retry-After),
 always answers with a ``Request-Id`` header and JSON error bodies, and can inject the
@@ -31,16 +31,63 @@ from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from jsonschema import FormatChecker
+
 #: The public demo pair from Mews's "Environments" guide: the sandbox accepts it by default.
 DEMO_CLIENT_TOKEN = "E0D439EE522F44368DC78E1BFB03710C-D24FB11DBE31D4621C4817E028D9E1D"
 DEMO_ACCESS_TOKEN = "C66EF7B239D24632943D115EDE9CB810-EA00F8FD8294692C940F6B5A8F9453D"
 SANDBOX_CHAIN_ID = "3fa85f64-5717-4562-b3fc-2c963f66afa6"
 SANDBOX_ENTERPRISE_ID = "851df8c8-90f2-4c4a-8e01-a4fc46b25178"
+#: ``mews-sandbox``'s port: clear of Airflow's (8080 API server, 8793/8794 log servers, 8974
+#: health check), Celery Flower's 5555, Redis's 6379, PostgreSQL's 5432 and Locust's 8089.
+DEFAULT_PORT = 8780
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-#: An absolute URI: a scheme, "://" and a non-empty authority (what urlsplit calls scheme and netloc).
-_ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]")
+#: RFC 3986 URI with an authority ("scheme://host..."): only the characters the RFC allows,
+#: "%" only as a percent-encoding, brackets only around an IP literal host.
+_URI = re.compile(
+    r"^[A-Za-z][A-Za-z0-9+.\-]*://"
+    r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})*@?"  # userinfo@ (or the host itself)
+    r"(?:\[[0-9A-Fa-f:.vV]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)"  # host
+    r"(?::[0-9]*)?"  # port
+    r"(?:[/?#](?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*)?"  # path, query
+    r"(?:#(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*)?$"  # fragment
+)
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: RFC 3339 date-time: a "T" (or space is not allowed), seconds, optional fraction, Z or an offset.
+_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _is_date(value: object) -> bool:
+    """JSON Schema ``format: date`` (RFC 3339 full-date): ``YYYY-MM-DD``, a real calendar day."""
+    if not isinstance(value, str) or not _DATE.match(value):
+        return False
+    try:
+        datetime.strptime(value, "%Y-%m-%d")
+    except ValueError:
+        return False
+    return True
+
+
+def _is_date_time(value: object) -> bool:
+    """JSON Schema ``format: date-time`` (RFC 3339): date, time and a zone, all valid."""
+    if not isinstance(value, str) or not _DATE_TIME.match(value):
+        return False
+    try:
+        datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
+#: The format assertions the sandbox applies to requests, as a jsonschema FormatChecker whose
+#: checks are all built in: jsonschema's own ``uri`` and ``date-time`` checks need optional
+#: packages (rfc3986-validator, rfc3339-validator) and pass everything silently without them.
+FORMAT_CHECKER = FormatChecker(formats=())
+FORMAT_CHECKER.checks("uuid")(lambda v: isinstance(v, str) and bool(_UUID.match(v)))
+FORMAT_CHECKER.checks("uri")(lambda v: isinstance(v, str) and bool(_URI.match(v)))
+FORMAT_CHECKER.checks("date")(_is_date)
+FORMAT_CHECKER.checks("date-time")(_is_date_time)
 STATES = ("New", "Pending", "Enrolled", "Canceled", "Declined")
 ADD_FIELDS = {
     "AccountId", "LoyaltyProgramId", "IsPrimary", "State", "Code", "MembershipNumber",
@@ -91,8 +138,8 @@ def _now_iso() -> str:
 def _parse_utc(value: Any, name: str) -> float | None:
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise ApiError(400, f"Invalid {name}.")
+    if not FORMAT_CHECKER.conforms(value, "date-time"):
+        raise ApiError(400, f"Invalid {name}: an RFC 3339 date-time is required.")
     try:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     except ValueError:
@@ -353,10 +400,13 @@ class MewsSandbox:
             raise ApiError(400, f"Invalid {where}.Points: a 32-bit integer is required.")
         expiration = item.get("ExpirationDate")
         if expiration is not None:
-            expiration = self._date(expiration, f"{where}.ExpirationDate")
+            # format: date in the published schema; answers carry it as a date-time (UTC midnight).
+            if not FORMAT_CHECKER.conforms(expiration, "date"):
+                raise ApiError(400, f"Invalid {where}.ExpirationDate: a date (YYYY-MM-DD) is required.")
+            expiration += "T00:00:00Z"
         url = item.get("Url")
-        if url is not None and not (isinstance(url, str) and _ABSOLUTE_URI.match(url)):
-            raise ApiError(400, f"Invalid {where}.Url: an absolute URI is required.")
+        if url is not None and not FORMAT_CHECKER.conforms(url, "uri"):
+            raise ApiError(400, f"Invalid {where}.Url: an absolute URI (RFC 3986) is required.")
         tier = item.get("LoyaltyTierId")
         if tier is not None and not (isinstance(tier, str) and _UUID.match(tier)):
             raise ApiError(400, f"Invalid {where}.LoyaltyTierId: a UUID is required.")
@@ -381,19 +431,6 @@ class MewsSandbox:
             "CreatorProfile": profile,
             "UpdaterProfile": profile,
         }
-
-    @staticmethod
-    def _date(value: Any, where: str) -> str:
-        if isinstance(value, str):
-            if _DATE.match(value):
-                return value + "T00:00:00Z"
-            try:
-                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            except ValueError:
-                parsed = None
-            if parsed is not None and parsed.tzinfo is not None:
-                return parsed.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        raise ApiError(400, f"Invalid {where}: an ISO 8601 date in UTC is required.")
 
     def get_all(self, body: dict[str, Any]) -> dict[str, Any]:
         unknown = set(body) - GETALL_FIELDS
@@ -711,7 +748,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="mews-sandbox", description="Local stand-in for the Mews Connector API (loyalty memberships)."
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per add of 1000 items")
     parser.add_argument("--getall-latency", type=float, default=0.0, help="seconds per getAll request")
     parser.add_argument(
