@@ -22,8 +22,10 @@ mkdir -p "$ARTIFACTS"
 # these environments leave out), test_operator, test_provider, test_lineage and test_secrets (they
 # assume Airflow 3.3: its task state store, form, asset events and task supervisor); what they
 # prove per line is proven here by .ci/airflow-line-e2e.py. Missing files are left out.
-TESTS=(tests/test_hook.py tests/test_memberships.py tests/test_sandbox.py tests/test_batches.py
-  tests/test_smoke_examples.py)
+TESTS=(tests/test_hook.py tests/test_memberships.py tests/test_sandbox.py tests/test_batches.py)
+# test_smoke_examples runs an example DAG with dag.test(), which on 3.0 refuses the operator's
+# (unregistered) asset outlet; on 3.0 the e2e runs the example DAG after `airflow dags reserialize`.
+[ "$LINE" = 3.0 ] || TESTS+=(tests/test_smoke_examples.py)
 
 pick_python() {
   local c
@@ -49,7 +51,7 @@ if [ ! -f "$STAMP" ] || [ "$CONSTRAINTS" -nt "$STAMP" ] || [ pyproject.toml -nt 
   {
     "$VENV/bin/pip" install --quiet --upgrade pip
     "$VENV/bin/pip" install --quiet -c "$CONSTRAINTS" -e . apache-airflow-providers-sqlite \
-      pytest pytest-timeout hypothesis jsonschema psutil
+      pytest pytest-timeout hypothesis jsonschema psutil rfc3339-validator rfc3986-validator
   } >"$ARTIFACTS/pip-install.log" 2>&1 || { tail -40 "$ARTIFACTS/pip-install.log"; exit 1; }
   "$VENV/bin/pip" check
   touch "$STAMP"
