@@ -395,3 +395,68 @@ def test_unreachable_redis_falls_back_to_the_host_at_a_share_and_says_so_once(
     assert isinstance(limiter.backend, SqliteBackend)
     offsets = [s - slots[0] for s in slots]  # type: ignore[operator]
     assert offsets[2:] == pytest.approx([k / (10 - 2 + 1) for k in range(1, 5)], abs=1e-6)
+
+
+# -- the sandbox's own window and its lagging count --
+
+
+def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str]]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers)
+
+
+def _config_call(token: str = DEMO_ACCESS_TOKEN) -> dict[str, str]:
+    from airflow_provider_mews.testing import DEMO_CLIENT_TOKEN
+
+    return {"ClientToken": DEMO_CLIENT_TOKEN, "AccessToken": token, "Client": "rate test"}
+
+
+def test_the_sandbox_counts_late_as_configured_over_http():
+    """``count_delay_ms`` set through /_sandbox/config: each request is counted 0..N ms after it
+    arrived (spread over that range), within its answer time."""
+    with MewsSandbox() as sandbox:
+        assert _post(sandbox.url, "/_sandbox/config", {"count_delay_ms": 200, "seed": 3})[0] == 200
+        assert sandbox.config.count_delay_ms == 200
+        lags = []
+        for _ in range(12):
+            sent = time.monotonic()
+            status, _ = _post(sandbox.url, "/api/connector/v1/configuration/get", _config_call())
+            answered = time.monotonic()
+            assert status == 200
+            counted = sandbox.counted_times(DEMO_ACCESS_TOKEN)[-1]
+            assert sent <= counted <= answered
+            lags.append(counted - sent)
+    assert max(lags) <= 0.2 + 0.1  # 0.1 s for a loaded machine
+    assert max(lags) - min(lags) > 0.05, lags  # drawn at random, not a fixed shift
+
+
+def test_the_sandbox_cli_enforces_its_own_window_whatever_the_connection_says(tmp_path: Path):
+    """``mews-sandbox --rate-limit 3/2 --count-delay-ms 50``: a 4th request within 2 s meets a 429
+    with Retry-After, although the hook's connection would allow 200 per 30 s."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "airflow_provider_mews.testing.sandbox", "--port", str(port),
+         "--rate-limit", "3/2", "--count-delay-ms", "50"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and "listening" in proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}"
+        answers = [_post(url, "/api/connector/v1/configuration/get", _config_call()) for _ in range(4)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert [status for status, _ in answers] == [200, 200, 200, 429]
+    assert 1 <= int(answers[3][1]["Retry-After"]) <= 2
