@@ -460,3 +460,81 @@ def test_the_sandbox_cli_enforces_its_own_window_whatever_the_connection_says(tm
         proc.wait(timeout=10)
     assert [status for status, _ in answers] == [200, 200, 200, 429]
     assert 1 <= int(answers[3][1]["Retry-After"]) <= 2
+
+
+# -- the rate settings of the connection --
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"rate_limit_requests": 2.5},
+            "extra.rate_limit_requests must be a whole number of requests, got 2.5",
+        ),
+        ({"rate_limit_requests": 0}, "extra.rate_limit_requests must be a positive number, got 0"),
+        ({"rate_limit_period": "soon"}, "extra.rate_limit_period must be a positive number, got 'soon'"),
+        (
+            {"rate_limit_redis_conn_id": "my redis!"},
+            "extra.rate_limit_redis_conn_id must name an Airflow connection",
+        ),
+        ({"rate_limit_redis_conn_id": 7}, "extra.rate_limit_redis_conn_id must name an Airflow connection"),
+    ],
+)
+def test_bad_rate_settings_fail_naming_the_field(extra: dict[str, Any], message: str):
+    from airflow.models.connection import Connection
+
+    from airflow_provider_mews.exceptions import MewsConfigurationError
+    from airflow_provider_mews.hooks.mews import settings_from_connection
+
+    conn = Connection(
+        conn_id="mews_rate_bad",
+        conn_type="mews",
+        host="https://api.mews-demo.com",
+        password="access",
+        extra=json.dumps({"client_token": "client", **extra}),
+    )
+    with pytest.raises(MewsConfigurationError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        settings_from_connection(conn)
+
+
+def test_good_rate_settings_are_typed(monkeypatch: pytest.MonkeyPatch):
+    from airflow.models.connection import Connection
+
+    from airflow_provider_mews.hooks.mews import settings_from_connection
+
+    conn = Connection(
+        conn_id="mews_rate_good",
+        conn_type="mews",
+        host="https://api.mews-demo.com",
+        password="access",
+        extra=json.dumps(
+            {
+                "client_token": "c",
+                "rate_limit_requests": "150",
+                "rate_limit_period": 20.5,
+                "rate_limit_redis_conn_id": " redis_default ",
+            }
+        ),
+    )
+    s = settings_from_connection(conn)
+    assert (s.rate_limit_requests, s.rate_limit_period_s, s.rate_limit_redis_conn_id) == (
+        150,
+        20.5,
+        "redis_default",
+    )
+
+
+def test_a_missing_redis_connection_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, mews_sandbox: MewsSandbox
+):
+    from airflow_provider_mews.exceptions import MewsConfigurationError
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MEWS_RATE_NOREDIS",
+        connection_json(mews_sandbox.url, rate_limit_requests=123, rate_limit_redis_conn_id="no_such_redis"),
+    )
+    with pytest.raises(
+        MewsConfigurationError, match="names the Airflow connection 'no_such_redis', which does not exist"
+    ):
+        MewsConnectorHook("mews_rate_noredis").call(CONFIG)
