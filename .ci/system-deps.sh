@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What the tests need outside Python: Debian's PostgreSQL (real SQL source) and Chromium (UI
-# test), and Prism from npm (independent OpenAPI validator).
+# test), Redis (the rate limiter shared across hosts), and Prism from npm (independent OpenAPI
+# validator).
 # Installs what is missing only when it can: as root, with apt-get. Otherwise (a developer's
 # account, macOS) it says what is missing and goes on: the tests that need it are skipped and
 # listed at the end of the run, unless MEWS_REQUIRE_ALL_TESTS=1 (CI), which makes them fail.
@@ -13,6 +14,7 @@ pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || tr
 [ -x "$pg_bin/initdb" ] || [ -n "${MEWS_TEST_POSTGRES_URI:-}" ] || need+=(postgresql)
 chromium_path=${MEWS_UI_CHROMIUM:-$(command -v chromium || true)}
 { [ -f "$chromium_path" ] && [ -x "$chromium_path" ]; } || need+=(chromium)
+command -v redis-server >/dev/null || need+=(redis-server)
 if [ ${#need[@]} -eq 0 ]; then
   :
 elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

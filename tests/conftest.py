@@ -52,6 +52,8 @@ os.environ["AIRFLOW__CORE__TEST_CONNECTION"] = "Enabled"
 # The OpenLineage listener (dev extra) only where a test turns it on (tests/test_lineage.py):
 # elsewhere it would fork and emit events for every task of every test.
 os.environ.setdefault("AIRFLOW__OPENLINEAGE__DISABLED", "True")
+# The rate limiter's per-user state (shared by processes on the token): one per test session.
+os.environ["MEWS_RATE_LIMIT_DIR"] = str(SESSION_DIR / "rate-limit")
 os.environ.pop("AIRFLOW_CONN_MEWS_DEFAULT", None)
 DAGS_DIR.mkdir(parents=True, exist_ok=True)
 for example in (ROOT / "dags_examples").glob("mews_*.py"):
