@@ -60,13 +60,16 @@ class RunTally:
             return True
         return False
 
-    def progress_line(self, total: int | None, rate_limited: int, rate_wait_s: float) -> str:
+    def progress_line(
+        self, total: int | None, rate_limited: int, rate_wait_s: float, limiter_wait_s: float = 0.0
+    ) -> str:
         elapsed = max(self.elapsed(), 1e-9)
         rate = self.done / elapsed
         line = (
             f"progress: {self.done} rows done ({self.added} added, {self.skipped_existing} skipped, "
             f"{self.rejected} rejected) of {total if total is not None else self.rows_read} read, "
-            f"{rate:.0f} rows/s, {rate_limited} x 429 ({rate_wait_s:.1f} s waited)"
+            f"{rate:.0f} rows/s, {limiter_wait_s:.1f} s waited in the rate limiter (all threads), "
+            f"{rate_limited} x 429 ({rate_wait_s:.1f} s held)"
         )
         if total and rate > 0:
             line += f", ETA {max(0.0, (total - self.done) / rate):.0f} s"
@@ -102,7 +105,8 @@ def _reason_kind(rejection: Rejection) -> str:
 def summary_table(summary: dict[str, Any]) -> str:
     keys = (
         "rows_read", "rows_total", "added", "skipped_existing", "rejected", "not_reached", "reconciled",
-        "resumed_batches", "requests", "rate_limited", "duration_s", "rows_per_s",
+        "resumed_batches", "requests", "limiter_wait_s", "rate_limited", "rate_limit_wait_s", "duration_s",
+        "rows_per_s",
     )  # fmt: skip
     width = max(len(k) for k in keys)
     lines = [f"  {k.ljust(width)}  {_shown(summary[k])}" for k in keys if k in summary]

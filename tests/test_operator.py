@@ -536,3 +536,29 @@ def _wait_for_url(port_file: Path, proc: subprocess.Popen) -> str:
         assert proc.poll() is None, text
         time.sleep(0.1)
     raise AssertionError("the sandbox did not start")
+
+
+def test_time_waited_in_the_client_limiter_is_reported(run_dag, mews_sandbox, monkeypatch, capfd):
+    """A connection paced at 4 requests/s: 12 batches must wait in the limiter, and the summary
+    and progress lines say how long (not only the 429 holds, of which there are none here)."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MEWS_PACED", connection_json(mews_sandbox.url, rate_limit_requests=4, rate_limit_period=1)
+    )
+    rows = [
+        {"account_id": f"{i:08x}-0000-4000-8000-000000000000", "loyalty_program_id": PROGRAM, "is_primary": True}
+        for i in range(120)
+    ]
+    source = dag_file(f"""
+        with DAG(dag_id="t_op_paced", schedule=None, start_date=START, catchup=False):
+            LoyaltyMembershipAddOperator(
+                task_id="add", mews_conn_id="mews_paced", memberships={rows!r}, batch_size=10,
+                if_exists="add", progress_interval_s=0, retries=0,
+            )
+    """)
+    dr = run_dag("t_op_paced", source)
+    log = capfd.readouterr().out
+    assert dr.state == "success", log[-5000:]
+    summary = task_result(dr, "add")
+    assert summary["added"] == 120 and summary["rate_limited"] == 0
+    assert summary["limiter_wait_s"] > 0.5  # 12 requests at 4/s: about 2 s of pacing, summed over threads
+    assert "s waited in the rate limiter" in log
