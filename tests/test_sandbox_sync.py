@@ -437,7 +437,7 @@ def test_request_log_shows_what_each_write_sent(sandbox):
         (GET_ALL, 200),
     ]
     assert log[0]["items"] == 1
-    assert log[1]["LoyaltyMembershipUpdates"] == [
+    assert log[1]["ChainId"] is None and log[1]["LoyaltyMembershipUpdates"] == [
         {"LoyaltyMembershipId": m["Id"], "Points": {"Value": 4}, "Url": None}
     ]
     assert log[3]["LoyaltyMembershipIds"] == [m["Id"]]

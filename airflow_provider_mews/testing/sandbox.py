@@ -327,8 +327,10 @@ class MewsSandbox:
                 items = body.get("LoyaltyMemberships")
                 entry["items"] = len(items) if isinstance(items, list) else None
             elif operation == "loyaltyMemberships/update":
+                entry["ChainId"] = body.get("ChainId")
                 entry["LoyaltyMembershipUpdates"] = body.get("LoyaltyMembershipUpdates")
             elif operation == "loyaltyMemberships/delete":
+                entry["ChainId"] = body.get("ChainId")
                 entry["LoyaltyMembershipIds"] = body.get("LoyaltyMembershipIds")
             elif operation == "loyaltyMemberships/getAll":
                 entry["filters"] = {
