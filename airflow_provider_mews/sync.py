@@ -94,11 +94,11 @@ def plan_sync_columns(names: Sequence[str], field_map: Mapping[str, str] | None 
     ProviderMembershipId columns (by name, or named in ``field_map``). Raises ``ValueError``."""
     field_map = dict(field_map or {})
     special: dict[str, str] = {}  # lower-case column name -> sync field
-    for source, target in list(field_map.items()):
-        if _key(target) in ID_NAMES:
+    for source, wanted in list(field_map.items()):
+        if _key(wanted) in ID_NAMES:
             special[source.lower()] = "LoyaltyMembershipId"
             del field_map[source]
-        elif _key(target) in PROVIDER_ID_NAMES:
+        elif _key(wanted) in PROVIDER_ID_NAMES:
             special[source.lower()] = "ProviderMembershipId"
             del field_map[source]
     positions: dict[str, int] = {}
