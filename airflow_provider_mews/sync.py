@@ -366,9 +366,7 @@ _PERCENT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")
 
 def parse_max_removals(value: Any) -> int | float:
     """``max_removals`` as an int (a count) or a float (a fraction of the scope). ValueError otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"max_removals must be >= 0, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str):
         found = _PERCENT.fullmatch(value)
