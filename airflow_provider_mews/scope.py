@@ -9,14 +9,16 @@ try may have changed it).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 from airflow_provider_mews.sync import SyncRow, needs_removal
 
@@ -29,13 +31,26 @@ KEPT_FIELDS = (
 _CHUNK = 500
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    @functools.wraps(method)
+    def locked(self: ScopeIndex, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return cast(_F, locked)
+
+
 class ScopeIndex:
-    """Scope memberships and matched Ids in a temporary SQLite file. Not thread-safe: one owner."""
+    """Scope memberships and matched Ids in a temporary SQLite file; safe to share between threads."""
 
     def __init__(self, directory: str | None = None, cache_kib: int = 8192) -> None:
         self._dir = tempfile.mkdtemp(prefix="mews-sync-", dir=directory)
         self.path = os.path.join(self._dir, "scope.sqlite")
-        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.lock = threading.RLock()  # one statement (or transaction) at a time
         # A scratch file: no journal, no fsync; a bounded page cache keeps memory flat.
         self._db.executescript(
             f"""
@@ -50,6 +65,7 @@ class ScopeIndex:
 
     # -- the scope --
 
+    @_locked
     def add_scope(self, memberships: Iterable[Mapping[str, Any]]) -> int:
         """Store memberships of the scope (e.g. one getAll page); returns how many were new."""
         rows = [
@@ -70,6 +86,7 @@ class ScopeIndex:
         self.size += added
         return added
 
+    @_locked
     def candidates(
         self, rows: Sequence[SyncRow]
     ) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], list[dict[str, Any]]]]:
@@ -97,6 +114,7 @@ class ScopeIndex:
 
     # -- what source rows matched --
 
+    @_locked
     def claim(self, membership_id: str, row: int) -> int | None:
         """Record that source ``row`` matched ``membership_id``; the earlier row when one already did."""
         mid = membership_id.lower()
@@ -106,6 +124,7 @@ class ScopeIndex:
         (earlier,) = self._db.execute("SELECT row FROM matched WHERE id = ?", (mid,)).fetchone()
         return int(earlier) if earlier != row else None
 
+    @_locked
     def claim_many(self, matches: Iterable[tuple[str, int]]) -> dict[str, int]:
         """:meth:`claim` for a batch, in one transaction: ``{membership Id: earlier row}`` of the conflicts."""
         conflicts: dict[str, int] = {}
@@ -119,6 +138,7 @@ class ScopeIndex:
             self._db.execute("COMMIT")
         return conflicts
 
+    @_locked
     def release(self, membership_ids: Iterable[str]) -> None:
         """Forget matches (e.g. of a batch that will be redone)."""
         self._db.executemany("DELETE FROM matched WHERE id = ?", [(i.lower(),) for i in membership_ids])
@@ -127,11 +147,12 @@ class ScopeIndex:
         """Pages of scope memberships no source row matched that ``on_missing`` has to change."""
         last = 0
         while True:
-            page = self._db.execute(
-                "SELECT s.rowid, s.data FROM scope s LEFT JOIN matched m ON m.id = s.id "
-                "WHERE m.id IS NULL AND s.rowid > ? ORDER BY s.rowid LIMIT ?",
-                (last, page_size),
-            ).fetchall()
+            with self.lock:
+                page = self._db.execute(
+                    "SELECT s.rowid, s.data FROM scope s LEFT JOIN matched m ON m.id = s.id "
+                    "WHERE m.id IS NULL AND s.rowid > ? ORDER BY s.rowid LIMIT ?",
+                    (last, page_size),
+                ).fetchall()
             if not page:
                 return
             last = page[-1][0]
@@ -139,6 +160,7 @@ class ScopeIndex:
             if found:
                 yield found
 
+    @_locked
     def count_unmatched(self, on_missing: str) -> int:
         """How many removals ``on_missing`` needs: checked against max_removals before any write."""
         if on_missing == "keep":

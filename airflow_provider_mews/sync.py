@@ -254,7 +254,8 @@ def match_row(
                 "rejected",
                 field="LoyaltyMembershipId",
                 reason=f"{where}: LoyaltyMembershipId {row.membership_id} is not an active membership in Mews "
-                "(deleted, or never there); clear the column to add the row as new",
+                + ("of loyalty_program_ids " if scope is not None else "")
+                + "(deleted, or never there); clear the column to add the row as new",
             )
         if row.account_id is not None and m["AccountId"].lower() != row.account_id:
             return Match(
