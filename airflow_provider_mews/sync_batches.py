@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -238,7 +238,7 @@ class SyncBatchSender:
                 continue
             result.outcomes.append(_outcome(r, None, "added"))
         for u in updates:
-            result.outcomes.append(_outcome(u.row, {"Id": u.membership_id}, "updated"))
+            result.outcomes.append(_outcome(u.row, {"Id": u.membership_id}, "updated", list(u.changes)))
             result.changed[u.row.row] = list(u.changes)
 
     def _add(
@@ -269,15 +269,18 @@ class SyncBatchSender:
         if added.unfinished:
             raise StopRun
         # A later row that finds this membership by getAll is a second row for it, as for matches.
-        self.index.claim_many(
-            (o.mews_membership_id, o.source_row) for o in added.outcomes if o.mews_membership_id
-        )
+        done = [
+            (o.mews_membership_id, o.source_row)
+            for o in added.outcomes
+            if o.mews_membership_id and o.source_row
+        ]
+        self.index.claim_many(done)
         follow: list[_Update] = []
-        for o in added.outcomes:
-            r = by_row[o.source_row]
-            if "ProviderMembershipId" in r.fields and o.mews_membership_id:
+        for mid, row in done:
+            r = by_row[row]
+            if "ProviderMembershipId" in r.fields:
                 changes = {"ProviderMembershipId": {"Value": r.fields["ProviderMembershipId"]}}
-                follow.append(_Update(r, o.mews_membership_id, changes, "added"))
+                follow.append(_Update(r, mid, changes, "added"))
         return follow
 
     def _update(self, result: SyncBatchResult, updates: list[_Update]) -> None:
@@ -311,7 +314,9 @@ class SyncBatchSender:
                 continue
             for u in group:
                 if u.outcome == "updated":
-                    result.outcomes.append(_outcome(u.row, {"Id": u.membership_id}, "updated"))
+                    result.outcomes.append(
+                        _outcome(u.row, {"Id": u.membership_id}, "updated", list(u.changes))
+                    )
                     result.changed[u.row.row] = list(u.changes)
 
     def _reject_follow_up(self, result: SyncBatchResult, u: _Update, exc: MewsError) -> None:
@@ -333,7 +338,7 @@ class SyncBatchSender:
             self.stop.set()
 
 
-def _outcome(r: SyncRow, m: Any, outcome: str) -> Outcome:
+def _outcome(r: SyncRow, m: Any, outcome: str, changed: Sequence[str] | None = None) -> Outcome:
     return Outcome(
         r.row,
         r.account_id or (m or {}).get("AccountId") or "",
@@ -341,7 +346,13 @@ def _outcome(r: SyncRow, m: Any, outcome: str) -> Outcome:
         r.fields.get("MembershipNumber"),
         (m or {}).get("Id"),
         outcome,
+        ",".join(changed) if changed else None,
     )
+
+
+def removal_outcome(m: Mapping[str, Any], outcome: str) -> Outcome:
+    """A mirror's removal (``canceled`` or ``deleted``): no source row."""
+    return Outcome(None, m["AccountId"], m["LoyaltyProgramId"], m.get("MembershipNumber"), m["Id"], outcome)
 
 
 # -- the mirror's removals --
