@@ -1,7 +1,8 @@
 """A large table split into shards, one mapped task each, all sharing one Airflow pool.
 
 This is how the job scales out on Celery or Kubernetes executors: each shard is an
-independent, retryable task instance with its own checkpoint. The pool caps how many
+independent, retryable task instance with its own checkpoint (the operator's defaults reach
+mapped tasks too: 3 retries, 30 s apart with exponential back-off, and its asset outlet). The pool caps how many
 shards talk to Mews at once; with several worker processes sharing one AccessToken, set
 the connection's ``extra.rate_limit_requests`` to 200 divided by the pool's slots so the
 client-side limiters add up to Mews's limit (429s are honoured either way).
