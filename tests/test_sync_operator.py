@@ -272,3 +272,22 @@ def test_dry_run_sends_no_write_and_writes_the_plan(run_dag, mews_conn, mews_san
     [(reason,)] = read(sqlite_db, "SELECT reason FROM rejections")
     assert "outside loyalty_program_ids" in reason
     assert {m["State"] for m in mews_sandbox.memberships()} == {"Enrolled"} and len(scope) == 1_000
+
+
+def test_example_mirror_dag_follows_the_table(run_dag, mews_conn, mews_sandbox, tmp_path, monkeypatch):
+    from airflow_provider_mews.testing import sample_data
+
+    db = tmp_path / "demo.db"
+    monkeypatch.setenv("AIRFLOW_CONN_MEWS_DEMO_SQLITE", json.dumps({"conn_type": "sqlite", "host": str(db)}))
+    sample_data.write_sqlite(str(db), 200)
+    first = run_dag("mews_loyalty_sync")
+    assert first.state == "success"
+    assert task_result(first, "mirror_programme")["added"] == 200
+    with sqlite3.connect(db) as conn:  # five members left the programme, one earned points
+        conn.execute("DELETE FROM loyalty_members WHERE member_id <= 5")
+        conn.execute("UPDATE loyalty_members SET points = points + 1 WHERE member_id = 6")
+    second = run_dag("mews_loyalty_sync")
+    assert second.state == "success"
+    summary = task_result(second, "mirror_programme")
+    assert (summary["added"], summary["updated"], summary["unchanged"], summary["canceled"]) == (0, 1, 194, 5)
+    assert sum(m["State"] == "Canceled" for m in mews_sandbox.memberships()) == 5
