@@ -69,7 +69,9 @@ class RunTally:
         elapsed = max(self.elapsed(), 1e-9)
         rate = self.done / elapsed
         line = (
-            f"progress: {self.done} rows done ({self.added} added, {self.skipped_existing} skipped, "
+            f"progress: {self.done} rows done ({self.added} added, "
+            + (f"{self.updated} updated, {self.unchanged} unchanged, " if self.sync else "")
+            + f"{self.skipped_existing} skipped, "
             f"{self.rejected} rejected) of {total if total is not None else self.rows_read} read, "
             f"{rate:.0f} rows/s, {rate_limited} x 429 ({rate_wait_s:.1f} s waited)"
         )
