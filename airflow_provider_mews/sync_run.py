@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from airflow_provider_mews.exceptions import MewsError
 from airflow_provider_mews.run import MembershipRun, RunSettings, Source
 from airflow_provider_mews.scope import ScopeIndex
 from airflow_provider_mews.sync import RemovalsRefused, SyncPlan, check_removals, match_row, removal_limit
@@ -88,7 +89,11 @@ class SyncRun(MembershipRun):
     def execute(self) -> dict[str, Any]:
         try:
             if self.sync.mirror:
-                self.prepare()
+                try:
+                    self.prepare()
+                except MewsError as exc:  # listing the scope failed: nothing was written
+                    self.errors.append(exc)
+                    return self.finish()
                 if self.refusal is not None and not self.sync.dry_run:
                     return self.finish()  # nothing was written
             return super().execute()
