@@ -42,7 +42,7 @@ with DAG(dag_id="{dag_id}", schedule=None, start_date=pendulum.datetime(2026, 1,
 
 
 @pytest.mark.timeout(600)
-def test_sigkill_mid_mirror_then_retried(mews_sandbox, tmp_path, monkeypatch):
+def test_sigkill_mid_mirror_then_retried(airflow_db, mews_sandbox, tmp_path, monkeypatch):
     import sqlite3
 
     db = tmp_path / "members.db"
