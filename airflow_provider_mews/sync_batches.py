@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from airflow_provider_mews.sync import (
     update_item,
 )
 
+log = logging.getLogger(__name__)
 #: getAll filters take at most 1000 values.
 MAX_FILTER = 1000
 
@@ -320,8 +322,13 @@ class SyncBatchSender:
                     result.changed[u.row.row] = list(u.changes)
 
     def _reject_follow_up(self, result: SyncBatchResult, u: _Update, exc: MewsError) -> None:
-        # The row was added (its outcome stands); the refusal is logged through the changed map.
+        # The row was added (its outcome stands); only setting its ProviderMembershipId was refused.
         result.changed[u.row.row] = [f"ProviderMembershipId refused (HTTP {exc.status}): {exc.message}"]
+        log.warning(
+            "row %d was added as membership %s, but Mews refused its ProviderMembershipId (HTTP %s): %s "
+            "RequestId=%s; the next run sets it (the row then matches and differs)",
+            u.row.row, u.membership_id, exc.status, exc.message, exc.request_id,
+        )  # fmt: skip
 
     def _reject(
         self,
