@@ -207,3 +207,18 @@ def test_getall_filters_by_membership_numbers_and_provider_ids(hook, memberships
     assert entry["filters"] == {"MembershipNumbers": 1, "ActivityStates": ["Active"]}  # de-duplicated
     with pytest.raises(MewsConfigurationError, match="MembershipNumbers takes 1 to 1000"):
         list(hook.get_loyalty_memberships(membership_numbers=[str(n) for n in range(1001)]))
+
+
+def test_getall_by_ids_stops_when_every_id_was_found(hook, memberships, mews_sandbox):
+    ids = [m["Id"] for m in memberships(1000)]
+    assert (
+        len(list(hook.get_loyalty_memberships(loyalty_membership_ids=ids, activity_states=["Active"])))
+        == 1000
+    )
+    assert (
+        len(mews_sandbox.request_log("loyaltyMemberships/getAll")) == 1
+    )  # a full page, but no page can follow
+    found = list(
+        hook.get_loyalty_memberships(loyalty_membership_ids=ids[:10], activity_states=["Active"], page_size=4)
+    )
+    assert len(found) == 10 and len(mews_sandbox.request_log("loyaltyMemberships/getAll")) == 4  # 4 + 4 + 2

@@ -647,6 +647,9 @@ class MewsConnectorHook(BaseHook):
                 }
         cursor: str | None = None
         operation = "loyaltyMemberships/getAll"
+        # An Id names one membership at most: once as many came back, no page can follow.
+        most = len(payload["LoyaltyMembershipIds"]) if "LoyaltyMembershipIds" in payload else None
+        seen = 0
         while True:
             payload["Limitation"] = {"Count": page_size, "Cursor": cursor}
             answer = self.call(operation, payload)
@@ -654,8 +657,9 @@ class MewsConnectorHook(BaseHook):
             if not isinstance(page, list):
                 raise MewsResponseError("getAll answer has no LoyaltyMemberships list", operation=operation)
             yield from page
+            seen += len(page)
             cursor = answer.get("Cursor")
-            if len(page) < page_size or not cursor:
+            if len(page) < page_size or not cursor or (most is not None and seen >= most):
                 return
 
     def test_connection(self) -> tuple[bool, str]:
