@@ -91,8 +91,8 @@ class Finished:
 
     upto: int = 0  # batches 0 .. upto-1 all finished
     prefix: str = ""  # their rolling fingerprint
-    counts: tuple[int, int, int] = (0, 0, 0)  # their added, skipped_existing, rejected
-    beyond: dict[int, tuple[str, int, int, int]] = field(default_factory=dict)  # index -> fp, counts
+    counts: tuple[int, ...] = (0, 0, 0)  # their added, skipped_existing, rejected (a sync counts more)
+    beyond: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # index -> fp, *counts
 
 
 @dataclass
@@ -108,7 +108,7 @@ class Checkpoint:
     upto: int = 0
     prefix: str = ""
     counts: list[int] = field(default_factory=lambda: [0, 0, 0])
-    beyond: dict[int, tuple[str, int, int, int]] = field(default_factory=dict)
+    beyond: dict[int, tuple[Any, ...]] = field(default_factory=dict)
     _store: StateStore | None = None
     _dirty: bool = False
     _saved_at: float = 0.0
@@ -133,7 +133,7 @@ class Checkpoint:
             checkpoint.sent_before = ALL
             checkpoint.flush(force=True)
             return checkpoint
-        beyond = {int(i): (str(fp), int(a), int(s), int(r)) for i, fp, a, s, r in saved.get("beyond", [])}
+        beyond = {int(e[0]): (str(e[1]), *(int(n) for n in e[2:])) for e in saved.get("beyond", [])}
         earlier = Finished(
             upto=int(saved.get("upto", 0)),
             prefix=str(saved.get("prefix", "")),
@@ -178,14 +178,14 @@ class Checkpoint:
         self.resumed = True
         self.dispatched = self.sent_before = ALL
 
-    def done_counts(self, index: int, fingerprint: str) -> tuple[int, int, int] | None:
+    def done_counts(self, index: int, fingerprint: str) -> tuple[int, ...] | None:
         """Counts of batch ``index`` if an earlier try finished it beyond its watermark with these
         same rows (then :meth:`mark_done` it again); None when it must be taken through Mews."""
         entry = self.earlier.beyond.pop(index, None)
         if entry is None:
             return None
         if entry[0] == fingerprint[:FINGERPRINT_HEX]:
-            return entry[1], entry[2], entry[3]
+            return tuple(entry[1:])
         return None  # its rows changed: this try redoes it
 
     def maybe_sent(self, index: int) -> bool:
@@ -204,17 +204,18 @@ class Checkpoint:
             self.dispatched = index + RESERVE
             self.flush(force=True)
 
-    def mark_done(self, index: int, fingerprint: str, added: int, skipped: int, rejected: int) -> None:
-        entry = (fingerprint[:FINGERPRINT_HEX], added, skipped, rejected)
+    def mark_done(self, index: int, fingerprint: str, *counts: int) -> None:
+        """``counts``: added, skipped_existing, rejected (a sync: added, updated, unchanged, rejected)."""
+        entry = (fingerprint[:FINGERPRINT_HEX], *counts)
         if index < self.upto:
             return  # already below the watermark (an earlier try's batch, skipped)
         self.beyond[index] = entry
         while self.upto in self.beyond:  # advance the watermark over every contiguous finished batch
-            fp, a, s, r = self.beyond.pop(self.upto)
+            fp, *done = self.beyond.pop(self.upto)
             self.prefix = fold(self.prefix, fp)
-            self.counts[0] += a
-            self.counts[1] += s
-            self.counts[2] += r
+            self.counts += [0] * (len(done) - len(self.counts))
+            for slot, n in enumerate(done):
+                self.counts[slot] += n
             self.upto += 1
         self._dirty = True
         self.flush()

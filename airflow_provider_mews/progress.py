@@ -32,6 +32,11 @@ class RunTally:
     skipped_existing: int = 0
     rejected: int = 0
     not_reached: int | None = 0  # rows_total - done; None when rows_total is unknown
+    sync: bool = False  # a sync mode: the summary has updated, unchanged, canceled, deleted
+    updated: int = 0
+    unchanged: int = 0
+    canceled: int = 0  # a mirror's removals: memberships, not rows
+    deleted: int = 0
     reconciled: int = 0
     resumed_batches: int = 0  # batches done by an earlier try, skipped without a request
     reasons: Counter[str] = field(default_factory=Counter)
@@ -48,7 +53,7 @@ class RunTally:
 
     @property
     def done(self) -> int:
-        return self.added + self.skipped_existing + self.rejected
+        return self.added + self.skipped_existing + self.rejected + self.updated + self.unchanged
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -66,7 +71,9 @@ class RunTally:
         elapsed = max(self.elapsed(), 1e-9)
         rate = self.done / elapsed
         line = (
-            f"progress: {self.done} rows done ({self.added} added, {self.skipped_existing} skipped, "
+            f"progress: {self.done} rows done ({self.added} added, "
+            + (f"{self.updated} updated, {self.unchanged} unchanged, " if self.sync else "")
+            + f"{self.skipped_existing} skipped, "
             f"{self.rejected} rejected) of {total if total is not None else self.rows_read} read, "
             f"{rate:.0f} rows/s, {limiter_wait_s:.1f} s waited in the rate limiter (all threads), "
             f"{rate_limited} x 429 ({rate_wait_s:.1f} s held)"
@@ -82,6 +89,16 @@ class RunTally:
             "rows_total": self.rows_total,
             "added": self.added,
             "skipped_existing": self.skipped_existing,
+            **(
+                {
+                    "updated": self.updated,
+                    "unchanged": self.unchanged,
+                    "canceled": self.canceled,
+                    "deleted": self.deleted,
+                }
+                if self.sync
+                else {}
+            ),
             "rejected": self.rejected,
             "not_reached": self.not_reached,
             "reconciled": self.reconciled,
@@ -104,7 +121,8 @@ def _reason_kind(rejection: Rejection) -> str:
 
 def summary_table(summary: dict[str, Any]) -> str:
     keys = (
-        "rows_read", "rows_total", "added", "skipped_existing", "rejected", "not_reached", "reconciled",
+        "rows_read", "rows_total", "added", "updated", "unchanged", "skipped_existing", "rejected", "not_reached",
+        "canceled", "deleted", "planned_removals", "reconciled",
         "resumed_batches", "requests", "limiter_wait_s", "rate_limited", "rate_limit_wait_s", "duration_s",
         "rows_per_s",
     )  # fmt: skip

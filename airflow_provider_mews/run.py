@@ -145,12 +145,8 @@ class MembershipRun:
             prefix = fold(prefix, self.build(rows).fingerprint)
         if self._next_index == earlier.upto and prefix == earlier.prefix:
             ck.accept_earlier_prefix()
-            added, skipped, rejected = earlier.counts
-            self.tally.added += added
-            self.tally.skipped_existing += skipped
-            self.tally.rejected += rejected
+            self.count_earlier(earlier.counts)
             self.tally.resumed_batches += earlier.upto
-            self.budget.spend(rejected)
             self.log.info(
                 "Resuming: %d batches finished by an earlier try are skipped (%d more finished out of "
                 "order may be); batches that may have been sent are reconciled with Mews (created since %s).",
@@ -194,11 +190,8 @@ class MembershipRun:
         ck = self.checkpoint
         earlier = ck.done_counts(batch.index, batch.fingerprint)
         if earlier is not None:
-            self.tally.added += earlier[0]
-            self.tally.skipped_existing += earlier[1]
-            self.tally.rejected += earlier[2]
+            self.count_earlier(earlier)
             self.tally.resumed_batches += 1
-            self.budget.spend(earlier[2])
             ck.mark_done(batch.index, batch.fingerprint, *earlier)
             return
         self.budget.spend(len(batch.rejected))
@@ -221,6 +214,14 @@ class MembershipRun:
             self.log.info(
                 self.tally.progress_line(self.source.total, stats.rate_limited, stats.rate_limit_wait_s)
             )
+
+    def count_earlier(self, counts: Sequence[int]) -> None:
+        """Counts of batches an earlier try finished (as :meth:`settle` checkpointed them)."""
+        added, skipped, rejected = counts
+        self.tally.added += added
+        self.tally.skipped_existing += skipped
+        self.tally.rejected += rejected
+        self.budget.spend(rejected)
 
     def settle_next(self, block: bool) -> None:
         """Settle the batches that finished (waiting for one when ``block``)."""
@@ -304,8 +305,11 @@ def counts_text(summary: dict[str, Any]) -> str:
         unreached = "an unknown number not reached (the source could not be counted)"
     else:
         unreached = f"not reached {summary['not_reached']} of the source's {total} rows"
+    synced = (
+        f"updated {summary['updated']}, unchanged {summary['unchanged']}, " if "updated" in summary else ""
+    )
     return (
-        f"Added {summary['added']}, skipped {summary['skipped_existing']}, rejected {summary['rejected']}, "
+        f"Added {summary['added']}, {synced}skipped {summary['skipped_existing']}, rejected {summary['rejected']}, "
         f"{unreached}; {summary['rows_read']} rows read."
     )
 

@@ -542,10 +542,15 @@ def test_time_waited_in_the_client_limiter_is_reported(run_dag, mews_sandbox, mo
     """A connection paced at 4 requests/s: 12 batches must wait in the limiter, and the summary
     and progress lines say how long (not only the 429 holds, of which there are none here)."""
     monkeypatch.setenv(
-        "AIRFLOW_CONN_MEWS_PACED", connection_json(mews_sandbox.url, rate_limit_requests=4, rate_limit_period=1)
+        "AIRFLOW_CONN_MEWS_PACED",
+        connection_json(mews_sandbox.url, rate_limit_requests=4, rate_limit_period=1),
     )
     rows = [
-        {"account_id": f"{i:08x}-0000-4000-8000-000000000000", "loyalty_program_id": PROGRAM, "is_primary": True}
+        {
+            "account_id": f"{i:08x}-0000-4000-8000-000000000000",
+            "loyalty_program_id": PROGRAM,
+            "is_primary": True,
+        }
         for i in range(120)
     ]
     source = dag_file(f"""

@@ -530,7 +530,7 @@ def test_429_with_retry_after_from_a_sliding_window_per_access_token(mews_sandbo
 
 
 def test_every_answer_has_a_request_id(sandbox):
-    unknown = post(sandbox, "loyaltyMemberships/delete", base_add())
+    unknown = post(sandbox, "loyaltyMemberships/merge", base_add())
     assert check_error(unknown, 404)["Message"] == "Not found."
     config = post(sandbox, "configuration/get", AUTH)
     assert config.status_code == 200 and config.json()["Enterprise"]["Name"]

@@ -612,6 +612,80 @@ class MewsConnectorHook(BaseHook):
             ids.append(mid)
         return ids if ids_only else created
 
+    def update_loyalty_memberships(
+        self, updates: Sequence[Mapping[str, Any]], chain_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Update 1 to 1000 memberships; returns the updated memberships in the order sent.
+
+        Each item is ``{"LoyaltyMembershipId": id, Field: {"Value": v}, ...}``: a field left out
+        keeps its value, ``{"Value": None}`` clears a clearable one (see
+        :mod:`airflow_provider_mews.sync`). An update sets values, so sending it again after a
+        failure that may have been processed changes nothing more: the hook retries it like a
+        read (5xx, timeouts, dropped connections); its HTTP errors carry ``may_have_been_processed=False``.
+        """
+        count = len(updates)
+        if not 1 <= count <= MAX_ADD_ITEMS:
+            raise MewsConfigurationError(
+                f"loyaltyMemberships/update takes 1 to {MAX_ADD_ITEMS} updates per request, got {count}; "
+                "split the list into batches."
+            )
+        sent: list[str] = []
+        for n, item in enumerate(updates):
+            mid = item.get("LoyaltyMembershipId")
+            if not isinstance(mid, str) or not mid:
+                raise MewsConfigurationError(
+                    f"update item {n} has no LoyaltyMembershipId; every update needs one."
+                )
+            sent.append(mid.lower())
+        payload: dict[str, Any] = {"LoyaltyMembershipUpdates": updates}
+        chain = chain_id or self.settings.chain_id
+        if chain:
+            payload["ChainId"] = chain
+        operation = "loyaltyMemberships/update"
+        answer = self.call(operation, payload, idempotent=True)
+        updated = answer.get("LoyaltyMemberships") if isinstance(answer, dict) else None
+        if not isinstance(updated, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("Id"), str) for m in updated
+        ):
+            raise MewsResponseError(
+                "update answer has no LoyaltyMemberships list of memberships with Ids",
+                status=200,
+                operation=operation,
+            )
+        by_id = {m["Id"].lower(): m for m in updated}
+        missing = [mid for mid in sent if mid not in by_id]
+        if missing:  # the order of the answer is not documented: pair by Id
+            raise MewsResponseError(
+                f"update answer lacks {len(missing)} of the {count} memberships sent (first {missing[0]})",
+                status=200,
+                operation=operation,
+            )
+        return [by_id[mid] for mid in sent]
+
+    def delete_loyalty_memberships(self, ids: Sequence[str], chain_id: str | None = None) -> None:
+        """Delete 1 to 1000 memberships (Mews keeps them, readable as ``ActivityStates: ["Deleted"]``).
+
+        Not re-sent after a failure that may have been processed: how Mews answers a delete of
+        an Id it already deleted is not documented (the sandbox refuses the whole request with
+        400), so such a failure raises with ``may_have_been_processed=True`` and the caller
+        re-reads the Ids (:func:`airflow_provider_mews.reconcile.find_deleted`) and sends only
+        those still active.
+        """
+        count = len(ids)
+        if not 1 <= count <= MAX_ADD_ITEMS:
+            raise MewsConfigurationError(
+                f"loyaltyMemberships/delete takes 1 to {MAX_ADD_ITEMS} Ids per request, got {count}; "
+                "split the list into batches."
+            )
+        payload: dict[str, Any] = {"LoyaltyMembershipIds": list(ids)}
+        chain = chain_id or self.settings.chain_id
+        if chain:
+            payload["ChainId"] = chain
+        operation = "loyaltyMemberships/delete"
+        answer = self.call(operation, payload, idempotent=False)
+        if not isinstance(answer, dict):
+            raise MewsResponseError("delete answer is not a JSON object", status=200, operation=operation)
+
     def get_loyalty_memberships(
         self,
         *,
@@ -619,6 +693,8 @@ class MewsConnectorHook(BaseHook):
         loyalty_program_ids: Iterable[str] | None = None,
         loyalty_membership_ids: Iterable[str] | None = None,
         chain_ids: Iterable[str] | None = None,
+        membership_numbers: Iterable[str] | None = None,
+        provider_membership_ids: Iterable[str] | None = None,
         membership_states: Iterable[str] | None = None,
         activity_states: Iterable[str] | None = None,
         created_utc: tuple[datetime | str | None, datetime | str | None] | None = None,
@@ -634,6 +710,8 @@ class MewsConnectorHook(BaseHook):
             ("LoyaltyProgramIds", loyalty_program_ids),
             ("LoyaltyMembershipIds", loyalty_membership_ids),
             ("ChainIds", chain_ids),
+            ("MembershipNumbers", membership_numbers),
+            ("ProviderMembershipIds", provider_membership_ids),
         ):
             if values is not None:
                 items = list(dict.fromkeys(values))
@@ -655,6 +733,9 @@ class MewsConnectorHook(BaseHook):
                 }
         cursor: str | None = None
         operation = "loyaltyMemberships/getAll"
+        # An Id names one membership at most: once as many came back, no page can follow.
+        most = len(payload["LoyaltyMembershipIds"]) if "LoyaltyMembershipIds" in payload else None
+        seen = 0
         while True:
             payload["Limitation"] = {"Count": page_size, "Cursor": cursor}
             answer = self.call(operation, payload)
@@ -662,8 +743,9 @@ class MewsConnectorHook(BaseHook):
             if not isinstance(page, list):
                 raise MewsResponseError("getAll answer has no LoyaltyMemberships list", operation=operation)
             yield from page
+            seen += len(page)
             cursor = answer.get("Cursor")
-            if len(page) < page_size or not cursor:
+            if len(page) < page_size or not cursor or (most is not None and seen >= most):
                 return
 
     def test_connection(self) -> tuple[bool, str]:

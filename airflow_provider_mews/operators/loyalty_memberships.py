@@ -23,12 +23,14 @@ from airflow_provider_mews.memberships import ColumnPlan, plan_columns
 from airflow_provider_mews.outputs import FileOutput, RunKey, TableOutput
 from airflow_provider_mews.run import NOT_RETRYABLE, MembershipRun, RunSettings
 from airflow_provider_mews.sources import ListSource, SourceError, SqlSource, rows_from_value
+from airflow_provider_mews.sync import ON_MISSING, SyncPlan, parse_max_removals, plan_sync_columns
+from airflow_provider_mews.sync_run import SyncRun, SyncSettings
 from airflow_provider_mews.version_compat import AirflowFailException, BaseOperator
 
-IF_EXISTS = ("skip", "add")
+IF_EXISTS = ("skip", "add", "update")
 DEFAULT_CONN_ID = MewsConnectorHook.default_conn_name
 
-__all__ = ["IF_EXISTS", "NOT_RETRYABLE", "LoyaltyMembershipAddOperator"]
+__all__ = ["IF_EXISTS", "NOT_RETRYABLE", "LoyaltyMembershipAddOperator", "LoyaltyMembershipSyncOperator"]
 
 
 class _AutoOutlets(list):  # type: ignore[type-arg]
@@ -79,7 +81,8 @@ class LoyaltyMembershipAddOperator(BaseOperator):
     :param batch_size: memberships per request, 1..1000.
     :param max_rejected_rows: rejections tolerated before the task stops and fails.
     :param if_exists: ``"skip"``: never add a membership (account + program) Mews already
-        has, at one getAll per batch; ``"add"``: add without checking.
+        has, at one getAll per batch; ``"add"``: add without checking; ``"update"``: upsert:
+        add new rows, send only the changed fields of rows Mews has (README "Sync modes").
     :param max_active_requests: batches in flight at once (all under the rate limiter).
     :param results_table: table (on ``output_conn_id``) receiving each row's Mews Id.
     :param rejections_table: table (on ``output_conn_id``) receiving each rejected row and why.
@@ -200,7 +203,7 @@ class LoyaltyMembershipAddOperator(BaseOperator):
                 f"{where}: batch_size must be 1..1000 (Mews's limit per request), got {self.batch_size!r}"
             )
         if self.if_exists not in IF_EXISTS:
-            raise ValueError(f"{where}: if_exists must be 'skip' or 'add', got {self.if_exists!r}")
+            raise ValueError(f"{where}: if_exists must be 'skip', 'add' or 'update', got {self.if_exists!r}")
         if not isinstance(self.max_rejected_rows, int) or self.max_rejected_rows < 0:
             raise ValueError(
                 f"{where}: max_rejected_rows must be an integer >= 0, got {self.max_rejected_rows!r}"
@@ -226,15 +229,28 @@ class LoyaltyMembershipAddOperator(BaseOperator):
                 # Outputs first: on SQLite they switch the database to WAL so the source can stay open.
                 outputs = [opened.enter_context(closing(out)) for out in self._open_outputs(context)]
                 source = opened.enter_context(closing(self._open_source()))
-                run = MembershipRun(
-                    settings,
-                    hook,
-                    source,
-                    self._plan(source.columns),
-                    outputs,
-                    self._checkpoint(context),
-                    self.log,
-                )
+                run: MembershipRun
+                if self.if_exists == "update":
+                    run = SyncRun(
+                        settings,
+                        self._sync_settings(),
+                        hook,
+                        source,
+                        self._sync_plan(source.columns),
+                        outputs,
+                        self._checkpoint(context),
+                        self.log,
+                    )
+                else:
+                    run = MembershipRun(
+                        settings,
+                        hook,
+                        source,
+                        self._plan(source.columns),
+                        outputs,
+                        self._checkpoint(context),
+                        self.log,
+                    )
                 summary = run.execute()
         finally:
             gc.unfreeze()
@@ -300,6 +316,24 @@ class LoyaltyMembershipAddOperator(BaseOperator):
             )
         return plan
 
+    def _sync_settings(self) -> SyncSettings:
+        """An upsert; :class:`LoyaltyMembershipSyncOperator` makes it a mirror."""
+        return SyncSettings()
+
+    def _sync_plan(self, columns: Sequence[str]) -> SyncPlan:
+        if not columns:
+            return SyncPlan(ColumnPlan((), (), ()), None, None)
+        try:
+            plan = plan_sync_columns(columns, self.field_map)
+        except ValueError as exc:
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
+        if plan.columns.ignored:
+            self.log.warning(
+                "Columns %s match no Mews field and are not sent (map them with field_map if they should be).",
+                ", ".join(plan.columns.ignored),
+            )
+        return plan
+
     def _open_outputs(self, context: Any) -> list[TableOutput | FileOutput]:
         ti = context["ti"]
         map_index = getattr(ti, "map_index", None)
@@ -357,3 +391,89 @@ class LoyaltyMembershipAddOperator(BaseOperator):
             context["ti"].xcom_push(key="mews_summary", value=summary)
         except Exception as exc:  # the summary is also in the log
             self.log.warning("Could not push the summary XCom: %s", exc)
+
+
+class LoyaltyMembershipSyncOperator(LoyaltyMembershipAddOperator):
+    """
+    Make Mews's loyalty memberships of the named programs equal to the source (a mirror).
+
+    Every source row is upserted as with ``LoyaltyMembershipAddOperator(if_exists="update")``;
+    then every membership of ``loyalty_program_ids`` that no row matched is canceled or deleted
+    (``on_missing``). The scope is listed and every row matched *before* any write: when the
+    removals would exceed ``max_removals`` the task fails having changed nothing. Same sources,
+    outputs and retries as the add operator; removals are written to the results with no
+    source row (outcome ``canceled`` or ``deleted``).
+
+    :param loyalty_program_ids: the programs the source describes completely (required).
+    :param on_missing: ``"cancel"`` (State becomes Canceled), ``"delete"`` or ``"keep"``.
+    :param max_removals: most removals allowed: a count, or a percentage of the scope's
+        memberships such as ``"5%"``.
+    :param dry_run: send no write request; the outputs and summary hold the plan.
+    :param sync_work_dir: directory of the temporary on-disk index of the scope (default: the
+        system's temporary directory); about 200 bytes of disk per membership of the scope.
+    """
+
+    template_fields: Sequence[str] = (*LoyaltyMembershipAddOperator.template_fields, "loyalty_program_ids")
+    ui_color = "#c9e4d6"
+
+    def __init__(
+        self,
+        *,
+        loyalty_program_ids: Sequence[str],
+        on_missing: str = "cancel",
+        max_removals: int | str = "5%",
+        dry_run: bool = False,
+        sync_work_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if "if_exists" in kwargs:
+            raise ValueError(
+                f"LoyaltyMembershipSyncOperator(task_id={kwargs.get('task_id')!r}): a mirror always upserts; "
+                "drop if_exists"
+            )
+        self.loyalty_program_ids = loyalty_program_ids
+        self.on_missing = on_missing
+        self.max_removals = max_removals
+        self.plan_only = dry_run  # ``dry_run`` is a BaseOperator method
+        self.sync_work_dir = sync_work_dir
+        super().__init__(if_exists="update", **kwargs)
+
+    def _check_arguments(self) -> None:
+        super()._check_arguments()
+        where = f"LoyaltyMembershipSyncOperator(task_id={self.task_id!r})"
+        ids = self.loyalty_program_ids
+        if (isinstance(ids, str) and "{{" not in ids) or not isinstance(ids, (str, list, tuple)) or not ids:
+            raise ValueError(
+                f"{where}: loyalty_program_ids must be a non-empty list of LoyaltyProgramIds (the scope "
+                f"the source describes completely), got {ids!r}"
+            )
+        if isinstance(ids, (list, tuple)):
+            for value in ids:
+                validate_uuid(value, f"{where}: loyalty_program_ids item")
+        if self.on_missing not in ON_MISSING:
+            raise ValueError(
+                f"{where}: on_missing must be one of {', '.join(ON_MISSING)}, got {self.on_missing!r}"
+            )
+        try:
+            parse_max_removals(self.max_removals)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    def _sync_settings(self) -> SyncSettings:
+        ids = self.loyalty_program_ids
+        if isinstance(ids, str):  # a template that rendered to text
+            ids = [
+                i.strip() for i in ids.strip("[]").replace("'", "").replace('"', "").split(",") if i.strip()
+            ]
+        try:
+            scope = frozenset(validate_uuid(i, "loyalty_program_ids item").lower() for i in ids)
+        except ValueError as exc:
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
+        return SyncSettings(
+            mirror=True,
+            loyalty_program_ids=scope,
+            on_missing=self.on_missing,
+            max_removals=self.max_removals,
+            dry_run=self.plan_only,
+            work_dir=self.sync_work_dir,
+        )

@@ -1,4 +1,5 @@
-"""A local stand-in for the Mews Connector API, faithful to ``loyaltyMemberships/add`` and ``getAll``.
+"""A local stand-in for the Mews Connector API, faithful to ``loyaltyMemberships/add``, ``update``,
+``delete`` and ``getAll``.
 
 It is a real HTTP server on loopback: the demo, the tests and the benchmarks run against
 it, and users run it (``mews-sandbox``, port 8780) to try their DAGs offline. It checks
@@ -8,14 +9,22 @@ always answers with a ``Request-Id`` header and JSON error bodies, and can injec
 faults that real networks and APIs produce. It shares no code with the provider it tests.
 
 Admin endpoints (not part of Mews), for tests and demos:
-``GET /_sandbox/memberships``, ``GET /_sandbox/stats``, ``POST /_sandbox/config``,
+``GET /_sandbox/memberships``, ``GET /_sandbox/stats``, ``GET /_sandbox/requests`` (the request
+log: which operation, status and, for writes, what was sent), ``POST /_sandbox/config``,
 ``POST /_sandbox/reset``.
+
+Where the contract is silent the sandbox picks the strict reading and says so (INFERRED):
+an update or delete naming an unknown or deleted Id refuses the whole request with 400, so a
+client that blindly repeats a delete that was already processed is caught; an update wrapper
+without ``Value`` (``{}``) keeps the value; deleted memberships stay readable through
+``ActivityStates: ["Deleted"]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import random
 import re
@@ -99,6 +108,19 @@ GETALL_LISTS = {
     "LoyaltyProgramIds": "uuid", "Codes": "str", "MembershipNumbers": "str",
     "ProviderMembershipIds": "str",
 }  # fmt: skip
+#: Update-value wrappers of ``loyaltyMemberships/update``: field -> (value kind, clearable with null).
+UPDATE_VALUES: dict[str, tuple[str, bool]] = {
+    "LoyaltyProgramId": ("uuid", False),
+    "State": ("state", False),
+    "IsPrimary": ("bool", False),
+    "MembershipNumber": ("str255", True),
+    "ProviderMembershipId": ("str100", True),
+    "Points": ("int32", True),
+    "ExpirationDate": ("date", True),
+    "Url": ("uri", True),
+    "LoyaltyTierId": ("uuid", True),
+    "Code": ("str", True),  # deprecated: the same value as MembershipNumber
+}
 GETALL_FIELDS = AUTH_FIELDS | set(GETALL_LISTS) | {
     "CreatedUtc", "UpdatedUtc", "MembershipStates", "ActivityStates", "Limitation",
 }  # fmt: skip
@@ -165,6 +187,8 @@ class SandboxConfig:
     fault_operations: set[str] = field(default_factory=lambda: {"loyaltyMemberships/add"})
     forbidden_accounts: set[str] = field(default_factory=set)  # 403 business rule
     unknown_program_ids: set[str] = field(default_factory=set)  # 400 Invalid LoyaltyProgramId
+    forbidden_memberships: set[str] = field(default_factory=set)  # 403 on update/delete of these Ids
+    request_log_size: int = 100_000  # entries kept by the request log (oldest dropped)
     seed: int | None = None
 
 
@@ -175,6 +199,9 @@ class SandboxState:
         self.lock = threading.Lock()
         self.memberships: dict[str, dict[str, Any]] = {}
         self.created_at: dict[str, float] = {}
+        self.updated_at: dict[str, float] = {}
+        #: One entry per API request (see ``MewsSandbox.log_request``); bounded by ``request_log_size``.
+        self.log: deque[dict[str, Any]] = deque()
         self.order: list[str] = []
         self.position: dict[str, int] = {}
         self.by_account: dict[str, list[str]] = {}
@@ -192,7 +219,11 @@ class SandboxState:
                 for line in fh:
                     if line.strip():
                         record = json.loads(line)
-                        self._index(record["m"], record["t"])
+                        if "u" in record:  # an update or delete of a stored membership
+                            self.memberships[record["u"]["Id"]] = record["u"]
+                            self.updated_at[record["u"]["Id"]] = record["t"]
+                        else:
+                            self._index(record["m"], record["t"])
         except FileNotFoundError:
             pass
 
@@ -200,6 +231,7 @@ class SandboxState:
         mid = membership["Id"]
         self.memberships[mid] = membership
         self.created_at[mid] = created
+        self.updated_at[mid] = created
         self.position[mid] = len(self.order)
         self.order.append(mid)
         self.by_account.setdefault(membership["AccountId"].lower(), []).append(mid)
@@ -213,10 +245,23 @@ class SandboxState:
                 with open(self.state_file, "a", encoding="utf-8") as fh:
                     fh.writelines(json.dumps({"m": m, "t": now}) + "\n" for m in memberships)
 
+    def replace(self, memberships: list[dict[str, Any]]) -> None:
+        """Store new versions of existing memberships (an update or a delete), persisted too."""
+        now = time.time()
+        with self.lock:
+            for m in memberships:
+                self.memberships[m["Id"]] = m
+                self.updated_at[m["Id"]] = now
+            if self.state_file:
+                with open(self.state_file, "a", encoding="utf-8") as fh:
+                    fh.writelines(json.dumps({"u": m, "t": now}) + "\n" for m in memberships)
+
     def reset(self) -> None:
         with self.lock:
             self.memberships.clear()
             self.created_at.clear()
+            self.updated_at.clear()
+            self.log.clear()
             self.order.clear()
             self.position.clear()
             self.by_account.clear()
@@ -309,6 +354,48 @@ class MewsSandbox:
 
     def add_tokens(self, client_token: str, access_token: str) -> None:
         self.config.tokens.setdefault(client_token, set()).add(access_token)
+
+    def request_log(self, operation: str | None = None) -> list[dict[str, Any]]:
+        """The logged API requests, oldest first (``operation`` e.g. "loyaltyMemberships/update").
+
+        Each entry: ``operation``, ``status`` (0 when the connection was dropped), ``request_id``,
+        ``fault`` and what was sent without the tokens: ``items`` (count) for add,
+        ``LoyaltyMembershipUpdates`` (the items as sent) for update, ``LoyaltyMembershipIds``
+        for delete, ``filters`` (list filters as item counts, states as sent) for getAll.
+        """
+        with self.state.lock:
+            return [e for e in self.state.log if operation is None or e["operation"] == operation]
+
+    def log_request(
+        self, operation: str, status: int, request_id: str, body: Any, fault: str | None = None
+    ) -> None:
+        entry: dict[str, Any] = {
+            "operation": operation,
+            "status": status,
+            "request_id": request_id,
+            "fault": fault,
+        }
+        if isinstance(body, dict):
+            if operation == "loyaltyMemberships/add":
+                items = body.get("LoyaltyMemberships")
+                entry["items"] = len(items) if isinstance(items, list) else None
+            elif operation == "loyaltyMemberships/update":
+                entry["ChainId"] = body.get("ChainId")
+                entry["LoyaltyMembershipUpdates"] = body.get("LoyaltyMembershipUpdates")
+            elif operation == "loyaltyMemberships/delete":
+                entry["ChainId"] = body.get("ChainId")
+                entry["LoyaltyMembershipIds"] = body.get("LoyaltyMembershipIds")
+            elif operation == "loyaltyMemberships/getAll":
+                entry["filters"] = {
+                    k: len(v) if k in GETALL_LISTS and isinstance(v, list) else v
+                    for k, v in body.items()
+                    if k not in AUTH_FIELDS and k != "Limitation"
+                }
+        with self.state.lock:
+            log = self.state.log
+            log.append(entry)
+            while len(log) > max(0, self.config.request_log_size):
+                log.popleft()
 
     # -- the API --
 
@@ -452,6 +539,162 @@ class MewsSandbox:
             "UpdaterProfile": profile,
         }
 
+    @staticmethod
+    def _date(value: Any, where: str) -> str:
+        if isinstance(value, str):
+            if _DATE.match(value):
+                return value + "T00:00:00Z"
+            try:
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                parsed = None
+            if parsed is not None and parsed.tzinfo is not None:
+                return parsed.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        raise ApiError(400, f"Invalid {where}: an ISO 8601 date in UTC is required.")
+
+    # -- update and delete: validate everything first (all or nothing), then apply --
+
+    def update(self, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """Validate an update request; returns (membership Id, {field: new value}) per item."""
+        unknown = set(body) - AUTH_FIELDS - {"ChainId", "LoyaltyMembershipUpdates"}
+        if unknown:
+            raise ApiError(400, f"Invalid request: unknown field(s) {', '.join(sorted(unknown))}.")
+        self._chain(body)
+        items = body.get("LoyaltyMembershipUpdates")
+        if not isinstance(items, list) or not 1 <= len(items) <= 1000:
+            raise ApiError(400, "Invalid LoyaltyMembershipUpdates: 1 to 1000 items are required.")
+        changes = [self._update_item(i, item) for i, item in enumerate(items)]
+        where = [f"LoyaltyMembershipUpdates[{i}].LoyaltyMembershipId" for i in range(len(changes))]
+        self._existing([mid for mid, _ in changes], where)
+        return changes
+
+    def _update_item(self, i: int, item: Any) -> tuple[str, dict[str, Any]]:
+        where = f"LoyaltyMembershipUpdates[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"Invalid {where}: an object is required.")
+        unknown = item.keys() - UPDATE_VALUES.keys() - {"LoyaltyMembershipId"}
+        if unknown:
+            raise ApiError(400, f"Invalid {where}: unknown field(s) {', '.join(sorted(unknown))}.")
+        mid = item.get("LoyaltyMembershipId")
+        if not isinstance(mid, str) or not _UUID.match(mid):
+            raise ApiError(400, f"Invalid {where}.LoyaltyMembershipId: a UUID is required.")
+        values: dict[str, Any] = {}
+        for name, (kind, clearable) in UPDATE_VALUES.items():
+            wrapper = item.get(name)
+            if wrapper is None:  # left out or null: keep the current value
+                continue
+            if not isinstance(wrapper, dict) or set(wrapper) - {"Value"}:
+                raise ApiError(400, f'Invalid {where}.{name}: an update value {{"Value": ...}} is required.')
+            if "Value" not in wrapper:
+                if kind == "state":  # Mews documents Value as required for the state
+                    raise ApiError(400, f"Invalid {where}.{name}.Value: a state is required.")
+                continue  # INFERRED: an empty wrapper changes nothing
+            value = wrapper["Value"]
+            if value is None:
+                if not clearable:
+                    raise ApiError(400, f"Invalid {where}.{name}.Value: {name} cannot be removed.")
+                values[name] = None
+                continue
+            values[name] = self._update_value(kind, value, f"{where}.{name}.Value")
+        if (
+            "LoyaltyProgramId" in values
+            and values["LoyaltyProgramId"].lower() in self.config.unknown_program_ids
+        ):
+            raise ApiError(400, f"Invalid LoyaltyProgramId {values['LoyaltyProgramId']}.")
+        return mid.lower(), values
+
+    def _update_value(self, kind: str, value: Any, where: str) -> Any:
+        if kind == "uuid" and isinstance(value, str) and _UUID.match(value):
+            return value
+        if kind == "state" and value in STATES:
+            return value
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind.startswith("str") and isinstance(value, str):
+            limit = int(kind[3:] or 0)
+            if not limit or len(value) <= limit:
+                return value
+            raise ApiError(400, f"Invalid {where}: at most {limit} characters are allowed.")
+        if (
+            kind == "int32"
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+            and INT32[0] <= value <= INT32[1]
+        ):
+            return value
+        if kind == "date":
+            return self._date(value, where)
+        if kind == "uri" and FORMAT_CHECKER.conforms(value, "uri"):
+            return value
+        wanted = {
+            "uuid": "a UUID", "state": f"one of {', '.join(STATES)}", "bool": "a boolean",
+            "int32": "a 32-bit integer", "uri": "an absolute URI",
+        }.get(kind, "a string")  # fmt: skip
+        raise ApiError(400, f"Invalid {where}: {wanted} is required.")
+
+    def apply_update(self, changes: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Store validated changes; returns the updated memberships in request order."""
+        st = self.state
+        with st.lock:
+            current = {mid: st.memberships[mid] for mid, _ in changes}
+        for mid, values in changes:
+            new = dict(current[mid])  # a new dict: answers already given stay as they were
+            new.update(values)
+            # Code is the deprecated name of MembershipNumber: both always carry the same value.
+            number = values.get("MembershipNumber", values.get("Code", new.get("MembershipNumber")))
+            new["Code"] = new["MembershipNumber"] = number
+            current[mid] = new
+        st.replace(list(current.values()))
+        return [current[mid] for mid, _ in changes]
+
+    def delete(self, body: dict[str, Any]) -> list[str]:
+        """Validate a delete request; returns the Ids to delete."""
+        unknown = set(body) - AUTH_FIELDS - {"ChainId", "LoyaltyMembershipIds"}
+        if unknown:
+            raise ApiError(400, f"Invalid request: unknown field(s) {', '.join(sorted(unknown))}.")
+        self._chain(body)
+        ids = body.get("LoyaltyMembershipIds")
+        if not isinstance(ids, list) or not 1 <= len(ids) <= 1000:
+            raise ApiError(400, "Invalid LoyaltyMembershipIds: 1 to 1000 items are required.")
+        for i, mid in enumerate(ids):
+            if not isinstance(mid, str) or not _UUID.match(mid):
+                raise ApiError(400, f"Invalid LoyaltyMembershipIds[{i}]: a UUID is required.")
+        lowered = [mid.lower() for mid in ids]
+        self._existing(lowered, [f"LoyaltyMembershipIds[{i}]" for i in range(len(ids))])
+        return list(dict.fromkeys(lowered))
+
+    def apply_delete(self, ids: list[str]) -> None:
+        """Soft-delete: the memberships stay readable with ``ActivityStates: ["Deleted"]``."""
+        now = _now_iso()
+        with self.state.lock:
+            deleted = [
+                {**self.state.memberships[mid], "ActivityState": "Deleted", "DeletedUtc": now} for mid in ids
+            ]
+        self.state.replace(deleted)
+
+    def _existing(self, ids: list[str], where: list[str]) -> None:
+        """400 unless every Id is an active membership; 403 for ``forbidden_memberships``."""
+        with self.state.lock:
+            for mid, name in zip(ids, where, strict=True):
+                m = self.state.memberships.get(mid)
+                if m is None or m["ActivityState"] != "Active":
+                    raise ApiError(400, f"Invalid {name}: {mid} is not an active loyalty membership.")
+        forbidden = self.config.forbidden_memberships
+        if forbidden:
+            bad = [i for i, mid in enumerate(ids) if mid in forbidden]
+            if bad:
+                raise ApiError(
+                    403,
+                    f"The loyalty membership {ids[bad[0]]} cannot be changed.",
+                    details={"LoyaltyMembershipIndexes": bad},
+                )
+
+    @staticmethod
+    def _chain(body: dict[str, Any]) -> None:
+        chain_id = body.get("ChainId")
+        if chain_id is not None and not (isinstance(chain_id, str) and _UUID.match(chain_id)):
+            raise ApiError(400, "Invalid ChainId.")
+
     def get_all(self, body: dict[str, Any]) -> dict[str, Any]:
         unknown = set(body) - GETALL_FIELDS
         if unknown:
@@ -484,7 +727,7 @@ class MewsSandbox:
             not isinstance(activity, list) or any(s not in ("Active", "Deleted") for s in activity)
         ):
             raise ApiError(400, "Invalid ActivityStates.")
-        start = end = None
+        bounds: dict[str, tuple[float | None, float | None]] = {}
         for key in ("CreatedUtc", "UpdatedUtc"):
             interval = body.get(key)
             if interval is None:
@@ -495,19 +738,24 @@ class MewsSandbox:
             high = _parse_utc(interval.get("EndUtc"), f"{key}.EndUtc")
             if low is not None and high is not None and high - low > 93 * 86400:
                 raise ApiError(400, f"Invalid {key}: the interval can be at most 3 months.")
-            # Sandbox memberships are never updated: their UpdatedUtc is their CreatedUtc.
-            start = low if start is None else max(start, low or start)
-            end = high if end is None else min(end, high or end)
+            bounds[key] = (low, high)
         st = self.state
+        times = {"CreatedUtc": st.created_at, "UpdatedUtc": st.updated_at}
         with st.lock:
             accounts = filters.get("AccountIds")
+            wanted_ids = filters.get("LoyaltyMembershipIds")
             if accounts is not None:
                 ids: Iterable[str] = sorted(
                     (i for a in accounts for i in st.by_account.get(a, ())), key=st.position.__getitem__
                 )
+            elif wanted_ids is not None:
+                ids = sorted((i for i in wanted_ids if i in st.position), key=st.position.__getitem__)
             else:
                 ids = st.order
             started = cursor is None
+            if not started and ids is st.order and cursor in st.position:
+                ids = itertools.islice(st.order, st.position[cursor] + 1, None)  # no walk from the start
+                started = True
             page: list[dict[str, Any]] = []
             for mid in ids:
                 if not started:
@@ -516,8 +764,11 @@ class MewsSandbox:
                 m = st.memberships[mid]
                 if not self._matches(m, filters, states, activity):
                     continue
-                t = st.created_at[mid]
-                if (start is not None and t < start) or (end is not None and t > end):
+                if any(
+                    (low is not None and times[key][mid] < low)
+                    or (high is not None and times[key][mid] > high)
+                    for key, (low, high) in bounds.items()
+                ):
                     continue
                 page.append(m)
                 if len(page) == count:
@@ -534,7 +785,11 @@ class MewsSandbox:
             wanted = filters.get(name)
             if wanted is not None and m[key].lower() not in wanted:
                 return False
-        for name, key in (("Codes", "Code"), ("MembershipNumbers", "MembershipNumber")):
+        for name, key in (
+            ("Codes", "Code"),
+            ("MembershipNumbers", "MembershipNumber"),
+            ("ProviderMembershipIds", "ProviderMembershipId"),
+        ):
             wanted = filters.get(name)
             if wanted is not None and m[key] not in wanted:
                 return False
@@ -583,7 +838,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    _logging: tuple[str, str] | None = None
+    _body: Any = None
+    _fault: str | None = None
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._log(code)
+        super().send_response(code, message)
+
+    def _log(self, status: int) -> None:
+        if self._logging is not None:
+            operation, request_id = self._logging
+            self._logging = None
+            self.server.sandbox.log_request(operation, status, request_id, self._body, self._fault)
+
     def _drop(self) -> None:
+        self._log(0)  # no answer at all
         self.close_connection = True
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -596,6 +866,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, sb.memberships())
         elif self.path == "/_sandbox/stats":
             self._send(200, sb.stats())
+        elif self.path == "/_sandbox/requests":
+            self._send(200, sb.request_log())
         else:
             self._send(404, {"Message": "Not found.", "RequestId": None, "Details": None})
 
@@ -613,6 +885,8 @@ class _Handler(BaseHTTPRequestHandler):
         handlers = {
             "loyaltyMemberships/add": "add",
             "loyaltyMemberships/getAll": "getAll",
+            "loyaltyMemberships/update": "update",
+            "loyaltyMemberships/delete": "delete",
             "configuration/get": "configuration",
         }
         kind = handlers.get(operation)
@@ -621,9 +895,12 @@ class _Handler(BaseHTTPRequestHandler):
         if kind is None:
             self._send(404, {"Message": "Not found.", "RequestId": request_id, "Details": None}, headers)
             return
+        # The request log entry is written with the first status line sent (or the drop).
+        self._logging = (operation, request_id)
+        self._body = self._fault = None
         try:
             try:
-                body = json.loads(raw)
+                body = self._body = json.loads(raw)
             except ValueError:
                 raise ApiError(400, "Invalid request: the body is not valid JSON.") from None
             if not isinstance(body, dict):
@@ -633,7 +910,7 @@ class _Handler(BaseHTTPRequestHandler):
             if counted_after:
                 time.sleep(counted_after)
             sb.check_rate(access_token)
-            fault = sb.next_fault(operation)
+            fault = self._fault = sb.next_fault(operation)
             if fault:
                 with sb.state.lock:
                     sb.state.stats[f"fault:{fault.split(':')[0]}"] += 1
@@ -651,6 +928,23 @@ class _Handler(BaseHTTPRequestHandler):
                 sb.state.store(created)
                 with sb.state.lock:
                     sb.state.stats["added"] += len(created)
+            elif kind == "update":
+                changes = sb.update(body)
+                if fault == "drop_before_store":
+                    self._drop()
+                    return
+                answer = {"LoyaltyMemberships": sb.apply_update(changes)}
+                with sb.state.lock:
+                    sb.state.stats["updated"] += len(changes)
+            elif kind == "delete":
+                ids = sb.delete(body)
+                if fault == "drop_before_store":
+                    self._drop()
+                    return
+                sb.apply_delete(ids)
+                answer = {}
+                with sb.state.lock:
+                    sb.state.stats["deleted"] += len(ids)
             elif kind == "getAll":
                 if sb.config.getall_latency_s > counted_after:
                     time.sleep(sb.config.getall_latency_s - counted_after)
