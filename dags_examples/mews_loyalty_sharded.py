@@ -5,9 +5,14 @@ independent, retryable task instance with its own checkpoint. The pool caps how 
 shards talk to Mews at once; with several worker processes sharing one AccessToken, set
 the connection's ``extra.rate_limit_requests`` to 200 divided by the pool's slots so the
 client-side limiters add up to Mews's limit (429s are honoured either way).
+
+The shard count comes from the ``MEWS_EXAMPLE_SHARDS`` environment variable (default 4),
+read when the file is parsed: set it alike for the DAG processor and every worker.
 """
 
 from __future__ import annotations
+
+import os
 
 import pendulum
 
@@ -18,7 +23,7 @@ try:
 except ImportError:  # Airflow 2.11
     from airflow import DAG  # type: ignore[no-redef,attr-defined]
 
-SHARDS = 4
+SHARDS = int(os.environ.get("MEWS_EXAMPLE_SHARDS", "4"))
 
 with DAG(
     dag_id="mews_loyalty_sharded",

@@ -627,6 +627,22 @@ def test_reset_returns_to_the_start_up_settings():
         check_error(post(sb, ADD, base_add()), 429)
 
 
+def test_request_log_records_when_each_api_request_arrived_and_was_answered():
+    """``/_sandbox/requests`` is what benchmarks time a whole run by: one record per API request
+    (not the admin endpoints), in answer order, with its status; reset empties it."""
+    with MewsSandbox(config=SandboxConfig(rate_limit_requests=1, add_latency_s=200.0)) as sb:
+        before = time.time()
+        check_ok(post(sb, ADD, base_add()))  # 1 item at 200 s per 1000: answered after 0.2 s
+        check_error(post(sb, GET_ALL, {**AUTH, "Limitation": {"Count": 10}}), 429)
+        assert _http.get(f"{sb.url}/_sandbox/stats", timeout=10).ok
+        log = _http.get(f"{sb.url}/_sandbox/requests", timeout=10).json()
+        assert [(r["operation"], r["status"]) for r in log] == [(ADD, 200), (GET_ALL, 429)]
+        assert before <= log[0]["arrived"] and log[0]["answered"] - log[0]["arrived"] >= 0.2
+        assert log[0]["answered"] <= log[1]["arrived"] <= log[1]["answered"] <= time.time()
+        assert _http.post(f"{sb.url}/_sandbox/reset", timeout=10).ok
+        assert _http.get(f"{sb.url}/_sandbox/requests", timeout=10).json() == []
+
+
 def test_schema_copy_matches_the_shared_contract():
     """tests/data holds a copy so a lone clone can test; it must stay the published contract."""
     shared = Path(__file__).resolve().parents[2] / "shared" / "mews-api" / "loyalty-memberships.schema.json"

@@ -8,7 +8,8 @@ always answers with a ``Request-Id`` header and JSON error bodies, and can injec
 faults that real networks and APIs produce. It shares no code with the provider it tests.
 
 Admin endpoints (not part of Mews), for tests and demos:
-``GET /_sandbox/memberships``, ``GET /_sandbox/stats``, ``POST /_sandbox/config``,
+``GET /_sandbox/memberships``, ``GET /_sandbox/stats``, ``GET /_sandbox/requests`` (when
+each API request arrived and was answered, and with what status), ``POST /_sandbox/config``,
 ``POST /_sandbox/reset``.
 """
 
@@ -130,6 +131,8 @@ class SandboxState:
         self.by_account: dict[str, list[str]] = {}
         self.stats: Counter[str] = Counter()
         self.windows: dict[str, deque[float]] = {}
+        #: One record per answered API request: operation, arrived/answered (epoch s), status.
+        self.requests: list[dict[str, Any]] = []
         self.state_file = state_file
         if state_file:
             self._load(state_file)
@@ -170,6 +173,7 @@ class SandboxState:
             self.by_account.clear()
             self.stats.clear()
             self.windows.clear()
+            self.requests.clear()
             if self.state_file:
                 open(self.state_file, "w").close()
 
@@ -507,6 +511,8 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
+    _arrived: float | None = None  # when the API request being answered arrived
+    _operation = ""
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.sandbox.quiet:
@@ -525,6 +531,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
+        arrived = self._arrived
+        if arrived is not None:
+            self._arrived = None
+            record = {
+                "operation": self._operation,
+                "arrived": arrived,
+                "answered": time.time(),
+                "status": status,
+            }
+            with self.server.sandbox.state.lock:
+                self.server.sandbox.state.requests.append(record)
 
     def _drop(self) -> None:
         self.close_connection = True
@@ -539,11 +556,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, sb.memberships())
         elif self.path == "/_sandbox/stats":
             self._send(200, sb.stats())
+        elif self.path == "/_sandbox/requests":
+            with sb.state.lock:
+                requests = list(sb.state.requests)
+            self._send(200, requests)
         else:
             self._send(404, {"Message": "Not found.", "RequestId": None, "Details": None})
 
     def do_POST(self) -> None:
         sb = self.server.sandbox
+        arrived = time.time()
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         if self.path.startswith("/_sandbox/"):
@@ -553,6 +575,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"Request-Id": request_id}
         prefix = "/api/connector/v1/"
         operation = self.path[len(prefix) :] if self.path.startswith(prefix) else ""
+        self._arrived, self._operation = arrived, operation
         handlers = {
             "loyaltyMemberships/add": "add",
             "loyaltyMemberships/getAll": "getAll",
