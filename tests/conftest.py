@@ -27,6 +27,8 @@ os.environ["AIRFLOW_HOME"] = str(SESSION_DIR / "airflow")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_DIR)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__TEST_CONNECTION"] = "Enabled"
+# The rate limiter's per-user state (shared by processes on the token): one per test session.
+os.environ["MEWS_RATE_LIMIT_DIR"] = str(SESSION_DIR / "rate-limit")
 os.environ.pop("AIRFLOW_CONN_MEWS_DEFAULT", None)
 DAGS_DIR.mkdir(parents=True, exist_ok=True)
 for example in (ROOT / "dags_examples").glob("mews_*.py"):

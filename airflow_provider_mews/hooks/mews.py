@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 import uuid
@@ -42,7 +43,7 @@ from airflow_provider_mews.get_provider_info import (
 from airflow_provider_mews.rate_limit import (
     DEFAULT_MAX_REQUESTS,
     DEFAULT_PERIOD_S,
-    SlidingWindowLimiter,
+    TokenLimiter,
     limiter_for,
 )
 from airflow_provider_mews.version_compat import BaseHook, mask_secret
@@ -77,6 +78,8 @@ class MewsSettings:
     timeout_s: float = DEFAULT_TIMEOUT_S
     rate_limit_requests: int = DEFAULT_MAX_REQUESTS
     rate_limit_period_s: float = DEFAULT_PERIOD_S
+    #: Airflow connection (type redis) where workers on several hosts share the token's pace.
+    rate_limit_redis_conn_id: str | None = None
 
 
 def _setting_error(conn_id: str, what: str) -> MewsConfigurationError:
@@ -128,11 +131,24 @@ def settings_from_connection(conn: Any) -> MewsSettings:
     period = _positive_number(
         extra.get("rate_limit_period"), DEFAULT_PERIOD_S, "extra.rate_limit_period", cid
     )
-    max_requests = int(
-        _positive_number(
-            extra.get("rate_limit_requests"), DEFAULT_MAX_REQUESTS, "extra.rate_limit_requests", cid
-        )
+    max_requests = _positive_number(
+        extra.get("rate_limit_requests"), DEFAULT_MAX_REQUESTS, "extra.rate_limit_requests", cid
     )
+    if max_requests != int(max_requests):
+        raise _setting_error(
+            cid,
+            f"extra.rate_limit_requests must be a whole number of requests, got {extra['rate_limit_requests']!r}.",
+        )
+    redis_conn_id = extra.get("rate_limit_redis_conn_id") or None
+    if redis_conn_id is not None and (
+        not isinstance(redis_conn_id, str) or not _CONN_ID.match(redis_conn_id.strip())
+    ):
+        raise _setting_error(
+            cid,
+            f"extra.rate_limit_redis_conn_id must name an Airflow connection of type redis "
+            f"(letters, digits, '_', '-', '.'), got {redis_conn_id!r}; leave it empty to share the "
+            "rate limit between the processes of one host only.",
+        )
     return MewsSettings(
         base_url=f"{parts.scheme}://{parts.netloc}",
         access_token=conn.password,
@@ -140,9 +156,13 @@ def settings_from_connection(conn: Any) -> MewsSettings:
         client=client,
         chain_id=chain_id,
         timeout_s=timeout,
-        rate_limit_requests=max_requests,
+        rate_limit_requests=int(max_requests),
         rate_limit_period_s=period,
+        rate_limit_redis_conn_id=redis_conn_id.strip() if redis_conn_id else None,
     )
+
+
+_CONN_ID = re.compile(r"^[\w.\-]{1,250}$")
 
 
 def _positive_number(value: Any, default: float, name: str, cid: str) -> float:
@@ -191,7 +211,10 @@ class CallStats:
     requests: int = 0
     retries: int = 0
     rate_limited: int = 0
+    #: Retry-After time imposed by the 429s this hook met.
     rate_limit_wait_s: float = 0.0
+    #: Time this hook's threads waited in the client-side limiter (pace and every Retry-After hold).
+    limiter_wait_s: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: float) -> None:
@@ -251,13 +274,31 @@ class MewsConnectorHook(BaseHook):
     def get_connection_form_widgets(cls) -> dict[str, Any]:
         from flask_appbuilder.fieldwidgets import BS3PasswordFieldWidget, BS3TextFieldWidget
         from flask_babel import lazy_gettext
-        from wtforms import PasswordField, StringField
+        from wtforms import DecimalField, IntegerField, PasswordField, StringField
+        from wtforms.validators import NumberRange, Optional, Regexp
 
         return {
             "client_token": PasswordField(lazy_gettext("Client token"), widget=BS3PasswordFieldWidget()),
             "client": StringField(lazy_gettext("Client"), widget=BS3TextFieldWidget()),
             "chain_id": StringField(lazy_gettext("Chain id"), widget=BS3TextFieldWidget()),
             "timeout": StringField(lazy_gettext("Timeout (seconds)"), widget=BS3TextFieldWidget()),
+            "rate_limit_requests": IntegerField(
+                lazy_gettext("Rate limit: requests"),
+                validators=[Optional(strip_whitespace=True), NumberRange(min=1)],
+                widget=BS3TextFieldWidget(),
+                default=DEFAULT_MAX_REQUESTS,
+            ),
+            "rate_limit_period": DecimalField(
+                lazy_gettext("Rate limit: period (seconds)"),
+                validators=[Optional(strip_whitespace=True), NumberRange(min=0.001)],
+                widget=BS3TextFieldWidget(),
+                default=DEFAULT_PERIOD_S,
+            ),
+            "rate_limit_redis_conn_id": StringField(
+                lazy_gettext("Rate limit: Redis connection id"),
+                validators=[Optional(strip_whitespace=True), Regexp(_CONN_ID.pattern)],
+                widget=BS3TextFieldWidget(),
+            ),
         }
 
     @classmethod
@@ -293,9 +334,28 @@ class MewsConnectorHook(BaseHook):
         return session
 
     @cached_property
-    def limiter(self) -> SlidingWindowLimiter:
+    def limiter(self) -> TokenLimiter:
+        """The AccessToken's limiter, shared with every hook, thread and process on the token."""
         s = self.settings
-        return limiter_for(s.access_token, s.rate_limit_requests, s.rate_limit_period_s)
+        try:
+            return limiter_for(
+                s.access_token,
+                s.rate_limit_requests,
+                s.rate_limit_period_s,
+                scope=s.base_url,
+                redis_conn_id=s.rate_limit_redis_conn_id,
+            )
+        except ImportError as exc:
+            raise _setting_error(self.mews_conn_id, str(exc)) from None
+        except Exception as exc:
+            if s.rate_limit_redis_conn_id and type(exc).__name__ == "AirflowNotFoundException":
+                raise _setting_error(
+                    self.mews_conn_id,
+                    f"extra.rate_limit_redis_conn_id names the Airflow connection "
+                    f"'{s.rate_limit_redis_conn_id}', which does not exist; create it (type redis) "
+                    "or leave the field empty.",
+                ) from None
+            raise
 
     def close(self) -> None:
         if "session" in self.__dict__:
@@ -320,13 +380,18 @@ class MewsConnectorHook(BaseHook):
         url = s.base_url + API_PATH + operation
         deadline = time.monotonic() + self.max_retry_time_s
         failures = 0
+        limited = 0
         while True:
-            if not self.limiter.acquire(deadline):
+            asked = time.monotonic()
+            slot = self.limiter.acquire(deadline)
+            waited = time.monotonic() - asked
+            if slot is None:
+                self.stats.add(limiter_wait_s=waited)
                 raise MewsRateLimitError(
                     "the client-side rate limiter had no free slot within the retry budget",
                     operation=operation,
                 )
-            self.stats.add(requests=1)
+            self.stats.add(requests=1, limiter_wait_s=waited)
             sent_at = time.monotonic()
             try:
                 response = self.session.post(
@@ -346,14 +411,41 @@ class MewsConnectorHook(BaseHook):
                         )
                     return self._decode(response, operation)
                 error = self._http_error(response, operation, idempotent)
+            if error.status == 429:
+                wait = self._hold_after_429(error, limited, slot, deadline)
+                if wait is None:
+                    raise error
+                limited += 1
+                self.stats.add(retries=1)
+                self.log.warning(
+                    "%s; every request on this AccessToken waits %.1f s, then resumes paced", error, wait
+                )
+                continue  # the limiter holds this and every other request until the hold ends
             wait = self._wait_before_retry(error, idempotent, failures, deadline)
             if wait is None:
                 raise error
-            if error.status != 429:
-                failures += 1
+            failures += 1
             self.stats.add(retries=1)
             self.log.warning("%s; retrying in %.1f s", error, wait)
             time.sleep(wait)
+
+    def _hold_after_429(self, error: MewsError, limited: int, slot: float, deadline: float) -> float | None:
+        """Tell the limiter about a 429 (it holds everyone and learns); None to raise now.
+
+        ``Retry-After`` is always honoured; without one, the wait doubles per 429 of this call
+        (Mews: "fall back to an exponential backoff strategy"), with jitter.
+        """
+        if isinstance(error.details, float):
+            wait = error.details
+        else:
+            ceiling = min(self.backoff_max_s, self.backoff_base_s * 2**limited)
+            wait = random.uniform(ceiling / 2, ceiling)
+        wait = min(wait, self.max_retry_after_s)
+        self.limiter.on_429(wait, slot)
+        self.stats.add(rate_limited=1, rate_limit_wait_s=wait)
+        if time.monotonic() + wait > deadline:
+            return None
+        return wait
 
     def _wait_before_retry(
         self, error: MewsError, idempotent: bool, failures: int, deadline: float
@@ -363,16 +455,10 @@ class MewsConnectorHook(BaseHook):
             return None
         if error.may_have_been_processed:
             return None
-        if error.status == 429:
-            wait = error.details if isinstance(error.details, float) else self.backoff_base_s
-            wait = min(wait, self.max_retry_after_s)
-            self.limiter.pause(wait)
-            self.stats.add(rate_limited=1, rate_limit_wait_s=wait)
-        else:
-            if failures + 1 >= self.max_attempts:
-                return None
-            ceiling = min(self.backoff_max_s, self.backoff_base_s * 2**failures)
-            wait = random.uniform(ceiling / 2, ceiling)
+        if failures + 1 >= self.max_attempts:
+            return None
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2**failures)
+        wait = random.uniform(ceiling / 2, ceiling)
         if time.monotonic() + wait > deadline:
             return None
         return wait

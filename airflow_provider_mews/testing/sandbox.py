@@ -111,6 +111,9 @@ class SandboxConfig:
     getall_latency_s: float = 0.0
     rate_limit_requests: int = 200
     rate_limit_period_s: float = 30.0
+    #: The window counts a request only a random 0..N ms after it arrived (a server reading the
+    #: request under load); the delay is part of the request's latency, not added to it.
+    count_delay_ms: float = 0.0
     fault_rates: dict[str, float] = field(default_factory=dict)  # fault -> probability per request
     fault_script: list[str] = field(default_factory=list)  # consumed one per API request, first
     fault_operations: set[str] = field(default_factory=lambda: {"loyaltyMemberships/add"})
@@ -133,6 +136,8 @@ class SandboxState:
         self.windows: dict[str, deque[float]] = {}
         #: One record per answered API request: operation, arrived/answered (epoch s), status.
         self.requests: list[dict[str, Any]] = []
+        #: When each accepted API request was counted (monotonic), per AccessToken.
+        self.counted: dict[str, list[float]] = {}
         self.state_file = state_file
         if state_file:
             self._load(state_file)
@@ -174,6 +179,7 @@ class SandboxState:
             self.stats.clear()
             self.windows.clear()
             self.requests.clear()
+            self.counted.clear()
             if self.state_file:
                 open(self.state_file, "w").close()
 
@@ -303,6 +309,20 @@ class MewsSandbox:
                     429, "Too many requests for this AccessToken.", headers={"Retry-After": str(retry)}
                 )
             window.append(now)
+            self.state.counted.setdefault(access_token, []).append(now)
+
+    def counted_times(self, access_token: str) -> list[float]:
+        """When each request of ``access_token`` the rate limit let through was counted (monotonic s)."""
+        with self.state.lock:
+            return list(self.state.counted.get(access_token, ()))
+
+    def count_delay(self) -> float:
+        """Seconds to wait before counting this request (``count_delay_ms``), drawn at random."""
+        top = self.config.count_delay_ms
+        if top <= 0:
+            return 0.0
+        with self.state.lock:
+            return self._rng.uniform(0.0, top) / 1000.0
 
     def add(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         unknown = set(body) - AUTH_FIELDS - {"ChainId", "LoyaltyMemberships"}
@@ -595,6 +615,9 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise ApiError(400, "Invalid request: a JSON object is required.")
             access_token = sb.authenticate(body)
+            counted_after = sb.count_delay()
+            if counted_after:
+                time.sleep(counted_after)
             sb.check_rate(access_token)
             fault = sb.next_fault(operation)
             if fault:
@@ -604,6 +627,7 @@ class _Handler(BaseHTTPRequestHandler):
                     return
             if kind == "add":
                 delay = sb.config.add_latency_s * len(body.get("LoyaltyMemberships") or ()) / 1000
+                delay -= counted_after
                 if delay > 0:
                     time.sleep(delay)
                 created, answer = sb.add(body)
@@ -614,8 +638,8 @@ class _Handler(BaseHTTPRequestHandler):
                 with sb.state.lock:
                     sb.state.stats["added"] += len(created)
             elif kind == "getAll":
-                if sb.config.getall_latency_s > 0:
-                    time.sleep(sb.config.getall_latency_s)
+                if sb.config.getall_latency_s > counted_after:
+                    time.sleep(sb.config.getall_latency_s - counted_after)
                 answer = sb.get_all(body)
             else:
                 answer = sb.configuration()
@@ -741,6 +765,13 @@ def main(argv: list[str] | None = None) -> None:
         "--rate-limit", type=_rate, default=(200, 30.0), help="REQUESTS/SECONDS, default 200/30"
     )
     parser.add_argument(
+        "--count-delay-ms",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="count each request in the rate-limit window a random 0..N ms after it arrived (within its latency)",
+    )
+    parser.add_argument(
         "--fault",
         action="append",
         default=[],
@@ -764,6 +795,7 @@ def main(argv: list[str] | None = None) -> None:
         getall_latency_s=args.getall_latency,
         rate_limit_requests=args.rate_limit[0],
         rate_limit_period_s=args.rate_limit[1],
+        count_delay_ms=args.count_delay_ms,
         fault_rates={k: float(v) for k, _, v in (f.partition("=") for f in args.fault)},
         forbidden_accounts={a.lower() for a in args.forbid_account},
         seed=args.seed,
