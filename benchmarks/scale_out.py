@@ -251,6 +251,8 @@ def airflow_env(
             "AIRFLOW__CORE__PARALLELISM": str(max(32, args.shards)),
             "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(max(16, args.shards)),
             "MEWS_EXAMPLE_SHARDS": str(args.shards),
+            # The host-wide limiter state of this run only (not that of other runs on the machine).
+            "MEWS_RATE_LIMIT_DIR": str(work / "rate-limit"),
             "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
             "AIRFLOW_CONN_MEWS_DEFAULT": connection_json(sandbox_url, **mews_extra),
             "AIRFLOW_CONN_MEWS_DEMO_SQLITE": json.dumps(
@@ -455,6 +457,8 @@ def measure(
             (DAG_ID, run_id),
         ).fetchall()
 
+    (work / "logs-components" / "sandbox-requests.json").write_text(json.dumps(log_))
+
     # 1. Exactly once: the sandbox holds each source row's Code once, and nothing else ...
     stored_codes = Counter(m["Code"] for m in stored)
     pairs = Counter((m["AccountId"].lower(), m["LoyaltyProgramId"].lower()) for m in stored)
@@ -491,6 +495,10 @@ def measure(
     rows_stored = len(set(codes) & set(stored_codes))
     rows_per_s = rows_stored / window if window > 0 else 0.0
     share = rows_per_s / rows_ceiling
+    # Where the time went: accepted requests per 5 s from the first request, and the 429s' times.
+    buckets = Counter(int((r["arrived"] - first) // 5) for r in log_ if r["status"] != 429)
+    timeline = [buckets.get(i, 0) for i in range(int(window // 5) + 1)]
+    at_429 = [round(r["arrived"] - first, 1) for r in log_ if r["status"] == 429]
     dag_start, dag_end = _utc(dag_run.get("start_date")), _utc(dag_run.get("end_date"))
     dag_s = (dag_end - dag_start) if dag_start and dag_end else None
     hosts = sorted({str(ti.get("hostname")) for ti in tis})
@@ -535,6 +543,8 @@ def measure(
         "rows_per_s": round(rows_per_s, 1),
         "rows_ceiling_per_s": round(rows_ceiling, 1),
         "share_of_ceiling": round(share, 3),
+        "accepted_per_5s": timeline,
+        "429_at_s": at_429,
         "dag_run_s": round(dag_s, 1) if dag_s else None,
         "rows_per_s_whole_dag_run": round(len(codes) / dag_s, 1) if dag_s else None,
         "hosts": hosts,
