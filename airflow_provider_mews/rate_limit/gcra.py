@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: Additive decrease of the rate factor per congestion epoch.
-STEP = 0.05
+STEP = 0.10
 #: Additive recovery of the rate factor per configured period without a 429.
 RECOVERY_STEP = 0.01
 #: The factor never goes below this: half the configured rate.

@@ -36,7 +36,7 @@ local hold = tonumber(s[2]) or 0
 local factor = tonumber(s[3]) or 1
 local cut = tonumber(s[4]) or 0
 if op == 'hold' then
-  return string.format('%.6f', math.max(0, hold - now))
+  return string.format('%.17g', math.max(0, hold - now))
 end
 local f = math.min(1, factor + RECOVERY * math.max(0, now - cut) / period)
 local result
@@ -50,10 +50,10 @@ if op == 'reserve' then
   if q > start + period * 10 then q = start end
   local slot = math.max(start, q - (burst - 1) * interval)
   if max_wait >= 0 and slot - now > max_wait then
-    return {'', string.format('%.6f', now)}
+    return {'', string.format('%.17g', now)}
   end
   tat = q + interval
-  result = {string.format('%.6f', slot), string.format('%.6f', now)}
+  result = {string.format('%.17g', slot), string.format('%.17g', now)}
 else
   local retry_after = tonumber(ARGV[5])
   local slot = tonumber(ARGV[6])
@@ -66,8 +66,8 @@ else
     result = {'1', ''}
   end
 end
-redis.call('HSET', key, 'tat', string.format('%.6f', tat), 'hold', string.format('%.6f', hold),
-  'factor', string.format('%.6f', factor), 'cut', string.format('%.6f', cut))
+redis.call('HSET', key, 'tat', string.format('%.17g', tat), 'hold', string.format('%.17g', hold),
+  'factor', string.format('%.17g', factor), 'cut', string.format('%.17g', cut))
 redis.call('EXPIRE', key, TTL)
 return result
 """
