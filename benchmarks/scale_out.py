@@ -69,6 +69,7 @@ BATCH = 1000
 TARGETS = {"max_429": 3, "min_share": 0.85}
 MARKER = "MEWS_SCALE_OUT_RUN"  # set in every process this run starts, to find strays at the end
 WORKER_NAME = "MEWS_SCALE_OUT_WORKER"
+REDIS_KEY_PREFIX = "airflow-provider-mews:"
 
 
 def worker_hostname() -> str:
@@ -200,6 +201,16 @@ def redis_ping(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
         s.sendall(b"PING\r\n")
         return s.recv(64).startswith(b"+PONG")
+
+
+def redis_keys(port: int, db: int) -> list[str]:
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, db=db, socket_timeout=10)
+    try:
+        return sorted(k.decode() for k in client.scan_iter(count=1000))
+    finally:
+        client.close()
 
 
 def sandbox_flags(python: str) -> list[str]:
@@ -411,6 +422,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 summaries.append(entry.get("value"))
         result = measure(args, work, sandbox_url, run_id, dag_run, tis, summaries)
+        if args.executor == "celery":
+            # The shards shared the token's state in Redis (db 2, the mews_redis connection).
+            keys = redis_keys(ports["redis"], 2)
+            result["redis_limiter_keys"] = keys
+            result["checks"]["shared_state_in_redis"] = any(k.startswith(REDIS_KEY_PREFIX) for k in keys)
+            result["passed"] = all(result["checks"].values())
         result["setup_s"] = round(setup_s, 1)
         result["sandbox_flags"] = extra_flags
         ok = result["passed"]
