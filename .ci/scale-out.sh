@@ -7,7 +7,8 @@
 # Each against the sandbox at 1.0 s per 1000 items enforcing 20 requests / 3 s. Fails when a
 # figure is missed: every row exactly once, <= 3 429s in the run, >= 0.85 of the token's ceiling.
 # Results: benchmarks/results/scale-out-{local,celery}.json; logs of a failed run: .artifacts/scale-out/.
-# Env: SCALE_OUT_PYTHON (interpreter with Airflow and the provider; default .venv/bin/python).
+# Env: SCALE_OUT_PYTHON (interpreter with Airflow and the provider; default .venv/bin/python);
+#      SCALE_OUT_ENFORCE=0 reports missed figures without failing (default 1: a miss fails CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${SCALE_OUT_PYTHON:-.venv/bin/python}"
@@ -27,4 +28,8 @@ status=0
 "$PY" -m benchmarks.scale_out --executor local --shards 4 || status=1
 echo "== scale-out, many hosts: CeleryExecutor, 2 workers, 8 shards, Redis limiter (load: $(cut -d' ' -f1-3 /proc/loadavg))"
 "$PY" -m benchmarks.scale_out --executor celery --shards 8 --workers 2 || status=1
+if [ "$status" != 0 ] && [ "${SCALE_OUT_ENFORCE:-1}" = 0 ]; then
+  echo "scale-out: figures missed (see above); not failing because SCALE_OUT_ENFORCE=0"
+  exit 0
+fi
 exit $status
