@@ -421,7 +421,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     deserialize=True,
                 )
                 summaries.append(entry.get("value"))
+        t = time.monotonic()
+        log(f"run {dag_run['state']} after {t - t0 - setup_s:.0f} s; measuring")
         result = measure(args, work, sandbox_url, run_id, dag_run, tis, summaries)
+        log(f"  measured in {time.monotonic() - t:.0f} s")
         if args.executor == "celery":
             # The shards shared the token's state in Redis (db 2, the mews_redis connection).
             keys = redis_keys(ports["redis"], 2)
@@ -433,7 +436,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ok = result["passed"]
         return result
     finally:
+        t = time.monotonic()
         stack.stop()
+        log(f"stopped every component in {time.monotonic() - t:.0f} s")
         if not ok or args.keep:
             if artifacts.exists():
                 shutil.rmtree(artifacts)
