@@ -395,3 +395,146 @@ def test_unreachable_redis_falls_back_to_the_host_at_a_share_and_says_so_once(
     assert isinstance(limiter.backend, SqliteBackend)
     offsets = [s - slots[0] for s in slots]  # type: ignore[operator]
     assert offsets[2:] == pytest.approx([k / (10 - 2 + 1) for k in range(1, 5)], abs=1e-6)
+
+
+# -- the sandbox's own window and its lagging count --
+
+
+def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str]]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers)
+
+
+def _config_call(token: str = DEMO_ACCESS_TOKEN) -> dict[str, str]:
+    from airflow_provider_mews.testing import DEMO_CLIENT_TOKEN
+
+    return {"ClientToken": DEMO_CLIENT_TOKEN, "AccessToken": token, "Client": "rate test"}
+
+
+def test_the_sandbox_counts_late_as_configured_over_http():
+    """``count_delay_ms`` set through /_sandbox/config: each request is counted 0..N ms after it
+    arrived (spread over that range), within its answer time."""
+    with MewsSandbox() as sandbox:
+        assert _post(sandbox.url, "/_sandbox/config", {"count_delay_ms": 200, "seed": 3})[0] == 200
+        assert sandbox.config.count_delay_ms == 200
+        lags = []
+        for _ in range(12):
+            sent = time.monotonic()
+            status, _ = _post(sandbox.url, "/api/connector/v1/configuration/get", _config_call())
+            answered = time.monotonic()
+            assert status == 200
+            counted = sandbox.counted_times(DEMO_ACCESS_TOKEN)[-1]
+            assert sent <= counted <= answered
+            lags.append(counted - sent)
+    assert max(lags) <= 0.2 + 0.1  # 0.1 s for a loaded machine
+    assert max(lags) - min(lags) > 0.05, lags  # drawn at random, not a fixed shift
+
+
+def test_the_sandbox_cli_enforces_its_own_window_whatever_the_connection_says(tmp_path: Path):
+    """``mews-sandbox --rate-limit 3/2 --count-delay-ms 50``: a 4th request within 2 s meets a 429
+    with Retry-After, although the hook's connection would allow 200 per 30 s."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "airflow_provider_mews.testing.sandbox", "--port", str(port),
+         "--rate-limit", "3/2", "--count-delay-ms", "50"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and "listening" in proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}"
+        answers = [_post(url, "/api/connector/v1/configuration/get", _config_call()) for _ in range(4)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert [status for status, _ in answers] == [200, 200, 200, 429]
+    assert 1 <= int(answers[3][1]["Retry-After"]) <= 2
+
+
+# -- the rate settings of the connection --
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"rate_limit_requests": 2.5},
+            "extra.rate_limit_requests must be a whole number of requests, got 2.5",
+        ),
+        ({"rate_limit_requests": 0}, "extra.rate_limit_requests must be a positive number, got 0"),
+        ({"rate_limit_period": "soon"}, "extra.rate_limit_period must be a positive number, got 'soon'"),
+        (
+            {"rate_limit_redis_conn_id": "my redis!"},
+            "extra.rate_limit_redis_conn_id must name an Airflow connection",
+        ),
+        ({"rate_limit_redis_conn_id": 7}, "extra.rate_limit_redis_conn_id must name an Airflow connection"),
+    ],
+)
+def test_bad_rate_settings_fail_naming_the_field(extra: dict[str, Any], message: str):
+    from airflow.models.connection import Connection
+
+    from airflow_provider_mews.exceptions import MewsConfigurationError
+    from airflow_provider_mews.hooks.mews import settings_from_connection
+
+    conn = Connection(
+        conn_id="mews_rate_bad",
+        conn_type="mews",
+        host="https://api.mews-demo.com",
+        password="access",
+        extra=json.dumps({"client_token": "client", **extra}),
+    )
+    with pytest.raises(MewsConfigurationError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        settings_from_connection(conn)
+
+
+def test_good_rate_settings_are_typed(monkeypatch: pytest.MonkeyPatch):
+    from airflow.models.connection import Connection
+
+    from airflow_provider_mews.hooks.mews import settings_from_connection
+
+    conn = Connection(
+        conn_id="mews_rate_good",
+        conn_type="mews",
+        host="https://api.mews-demo.com",
+        password="access",
+        extra=json.dumps(
+            {
+                "client_token": "c",
+                "rate_limit_requests": "150",
+                "rate_limit_period": 20.5,
+                "rate_limit_redis_conn_id": " redis_default ",
+            }
+        ),
+    )
+    s = settings_from_connection(conn)
+    assert (s.rate_limit_requests, s.rate_limit_period_s, s.rate_limit_redis_conn_id) == (
+        150,
+        20.5,
+        "redis_default",
+    )
+
+
+def test_a_missing_redis_connection_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, mews_sandbox: MewsSandbox
+):
+    from airflow_provider_mews.exceptions import MewsConfigurationError
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MEWS_RATE_NOREDIS",
+        connection_json(mews_sandbox.url, rate_limit_requests=123, rate_limit_redis_conn_id="no_such_redis"),
+    )
+    with pytest.raises(
+        MewsConfigurationError, match="names the Airflow connection 'no_such_redis', which does not exist"
+    ):
+        MewsConnectorHook("mews_rate_noredis").call(CONFIG)
