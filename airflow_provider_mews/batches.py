@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow_provider_mews.exceptions import MewsError
-from airflow_provider_mews.memberships import ColumnPlan, RowRejected, normalize, readable_account
+from airflow_provider_mews.memberships import ColumnPlan, RowRejected, normalize_many, readable_account
 from airflow_provider_mews.outputs import Outcome, Rejection
 from airflow_provider_mews.reconcile import find_existing, find_stored
 
@@ -52,19 +52,18 @@ def build_batch(
     item_rows: list[int] = []
     rejected: list[Rejection] = []
     identities: list[str] = []  # fingerprint input, hashed once per batch
-    for offset, values in enumerate(rows):
+    for offset, item in enumerate(normalize_many(plan, rows)):
         row_no = first_row + offset
-        try:
-            item = normalize(plan, values)
-        except RowRejected as exc:
+        if isinstance(item, RowRejected):
+            values = rows[offset]
             account = readable_account(plan, values)
             where = f"row {row_no}" + (f" (AccountId {account})" if account else "")
             rejected.append(
                 Rejection(
                     row_no,
                     account,
-                    exc.field,
-                    f"{where}: {exc}",
+                    item.field,
+                    f"{where}: {item}",
                     None,
                     _row_json(plan.names, values) if keep_row_json else None,
                 )
@@ -207,19 +206,16 @@ class BatchSender:
     def _take(result: BatchResult, pending: list[int], found: dict[int, str], outcome: str) -> None:
         if not found:
             return
-        batch = result.batch
-        for pos in sorted(found):
-            item = batch.items[pos]
-            result.outcomes.append(
+        items, rows = result.batch.items, result.batch.item_rows
+        result.outcomes.extend(
+            [
                 Outcome(
-                    batch.item_rows[pos],
-                    item["AccountId"],
-                    item["LoyaltyProgramId"],
-                    item.get("Code"),
-                    found[pos],
-                    outcome,
+                    rows[pos], item["AccountId"], item["LoyaltyProgramId"], item.get("Code"), mid, outcome
                 )
-            )
+                for pos, mid in sorted(found.items())
+                for item in (items[pos],)
+            ]
+        )
         pending[:] = [p for p in pending if p not in found]
 
     @staticmethod
@@ -269,7 +265,7 @@ class BatchSender:
             sent_at = self.now()
             try:
                 created = self.hook.add_loyalty_memberships(
-                    [batch.items[p] for p in remaining], chain_id=self.chain_id
+                    [batch.items[p] for p in remaining], chain_id=self.chain_id, ids_only=True
                 )
             except MewsError as exc:
                 if exc.status in ROW_REFUSALS and not exc.may_have_been_processed:
@@ -290,9 +286,7 @@ class BatchSender:
                 if not remaining:
                     return None
                 continue
-            self._take(
-                result, remaining, {p: m["Id"] for p, m in zip(remaining, created, strict=True)}, "added"
-            )
+            self._take(result, remaining, dict(zip(remaining, created, strict=True)), "added")
             return None
         raise MewsError(
             f"a batch stayed in doubt after {MAX_DOUBT_ROUNDS} reconcile rounds, the last answer being: "

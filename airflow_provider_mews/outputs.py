@@ -2,19 +2,27 @@
 
 Outcomes are written per batch. A table output first deletes the batch's source-row range
 for this task instance, then inserts, in one transaction: a retried try that redoes a
-batch rewrites its rows instead of duplicating them. A JSON-lines file output appends
-(consumers keep the last line per ``source_row``).
+batch rewrites its rows instead of duplicating them. The delete is needed only when an
+earlier try (or an earlier run of the cleared task instance) may have written that range:
+a try that finds no row of its task instance when it opens the tables, or a batch the
+caller knows was never written, is inserted without it. Both tables carry an index on the
+task instance and ``source_row``, created with them and added to tables made by older
+versions, so the delete and the check stay an index lookup however many runs the tables
+hold. A JSON-lines file output appends (consumers keep the last line per ``source_row``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 from airflow_provider_mews.sources import quote_table
+
+log = logging.getLogger(__name__)
 
 
 class Outcome(NamedTuple):
@@ -55,6 +63,17 @@ class RunKey:
 RESULT_COLUMNS = ("source_row", "account_id", "loyalty_program_id", "code", "mews_membership_id", "outcome")
 REJECTION_COLUMNS = ("source_row", "account_id", "field", "reason", "request_id", "row_json")
 KEY_COLUMNS = ("dag_id", "run_id", "task_id", "map_index")
+#: What the per-batch rewrite filters on, in this order: the index of both outcome tables.
+INDEX_COLUMNS = (*KEY_COLUMNS, "source_row")
+#: PostgreSQL cuts identifiers at 63 bytes.
+MAX_IDENTIFIER = 63
+
+
+def index_name(table: str) -> str:
+    """The index of an outcome table: ``<table>_mews_row_idx``, unqualified, at most 63 bytes."""
+    base = table.rsplit(".", 1)[-1]
+    suffix = "_mews_row_idx"
+    return base[: MAX_IDENTIFIER - len(suffix)] + suffix
 
 
 class TableOutput:
@@ -69,6 +88,8 @@ class TableOutput:
         self.rejections_table = quote_table(rejections_table) if rejections_table else None
         self.placeholder = getattr(hook, "placeholder", "%s")
         self._conn: Any = None
+        #: True when this task instance had rows in the tables when they were opened.
+        self.had_rows = True
 
     def open(self) -> None:
         self._conn = self.hook.get_conn()
@@ -89,15 +110,73 @@ class TableOutput:
                 f"field VARCHAR(64), reason TEXT, request_id {text}, row_json TEXT)"
             )
         self._conn.commit()
-        cur.close()
+        try:
+            for table in self._tables():
+                self._ensure_index(cur, table)
+            self.had_rows = any(self._has_rows(cur, table) for table in self._tables())
+        finally:
+            cur.close()
+
+    def _tables(self) -> list[str]:
+        return [t for t in (self.results_table, self.rejections_table) if t]
+
+    def _ensure_index(self, cur: Any, table: str) -> None:
+        """Create the rewrite's index if missing (new tables and tables of older versions alike)."""
+        name = index_name(table)
+        schema, _, base = table.rpartition(".")
+        if self._is_sqlite():  # SQLite qualifies the index, not the table
+            ddl = f"CREATE INDEX IF NOT EXISTS {schema + '.' if schema else ''}{name} ON {base}"
+        else:
+            ddl = f"CREATE INDEX IF NOT EXISTS {name} ON {table}"
+        try:
+            cur.execute(f"{ddl} ({', '.join(INDEX_COLUMNS)})")
+            self._conn.commit()
+        except Exception as exc:
+            # A database without IF NOT EXISTS, a shard creating it at the same moment, or no
+            # right to create it: outcomes stay correct, only the rewrite scans the table.
+            self._conn.rollback()
+            log.warning(
+                "Could not create index %s on %s (%s: %s); create it yourself: CREATE INDEX %s ON %s (%s)",
+                name, table, type(exc).__name__, str(exc).strip()[:200], name, table, ", ".join(INDEX_COLUMNS),
+            )  # fmt: skip
+
+    def _has_rows(self, cur: Any, table: str) -> bool:
+        ph = self.placeholder
+        where = " AND ".join(f"{c} = {ph}" for c in KEY_COLUMNS)
+        try:
+            cur.execute(f"SELECT 1 FROM {table} WHERE {where} LIMIT 1", self._key())
+            found = cur.fetchone() is not None
+        except Exception:  # a dialect without LIMIT: assume rows, so every batch is rewritten
+            self._conn.rollback()
+            return True
+        self._conn.commit()  # end the read transaction (PostgreSQL) before the run
+        return found
+
+    def _key(self) -> tuple[str, str, str, int]:
+        return (self.key.dag_id, self.key.run_id, self.key.task_id, self.key.map_index)
+
+    def _is_sqlite(self) -> bool:
+        return type(self._conn).__module__.startswith("sqlite3")
 
     def write(
-        self, first_row: int, last_row: int, outcomes: Sequence[Outcome], rejections: Sequence[Rejection]
+        self,
+        first_row: int,
+        last_row: int,
+        outcomes: Sequence[Outcome],
+        rejections: Sequence[Rejection],
+        may_have_been_written: bool = True,
     ) -> None:
+        """Rewrite the outcomes of source rows ``first_row..last_row`` in one transaction.
+
+        ``may_have_been_written=False``: the caller knows no earlier try wrote this range (a
+        batch beyond every earlier try's dispatch mark), so the delete is skipped. It is also
+        skipped when this task instance had no rows in the tables when they were opened.
+        """
         if self._conn is None:
             self.open()
+        rewrite = may_have_been_written and self.had_rows
         ph = self.placeholder
-        key = (self.key.dag_id, self.key.run_id, self.key.task_id, self.key.map_index)
+        key = self._key()
         where = " AND ".join(f"{c} = {ph}" for c in KEY_COLUMNS) + f" AND source_row BETWEEN {ph} AND {ph}"
         cur = self._conn.cursor()
         try:
@@ -107,7 +186,8 @@ class TableOutput:
             ):
                 if not table:
                     continue
-                cur.execute(f"DELETE FROM {table} WHERE {where}", (*key, first_row, last_row))
+                if rewrite:
+                    cur.execute(f"DELETE FROM {table} WHERE {where}", (*key, first_row, last_row))
                 if rows:
                     names = ", ".join(KEY_COLUMNS + columns)
                     marks = ", ".join([ph] * (len(KEY_COLUMNS) + len(columns)))
@@ -142,7 +222,12 @@ class FileOutput:
                 self._files[kind] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run, closed in close()
 
     def write(
-        self, first_row: int, last_row: int, outcomes: Sequence[Outcome], rejections: Sequence[Rejection]
+        self,
+        first_row: int,
+        last_row: int,
+        outcomes: Sequence[Outcome],
+        rejections: Sequence[Rejection],
+        may_have_been_written: bool = True,
     ) -> None:
         if not self._files:
             self.open()

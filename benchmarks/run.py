@@ -9,7 +9,10 @@
    (user + sys) of the loading process only;
 3. memory: peak RSS of the loading process for 100 000 and 1 000 000 rows;
 4. many small DAG runs: wall time of one whole ``airflow dags test mews_loyalty_from_sqlite``
-   with 1 000 rows (real Airflow CLI, temporary AIRFLOW_HOME).
+   with 1 000 rows (real Airflow CLI, temporary AIRFLOW_HOME);
+5. client CPU per row inside Airflow, the way users run it: the CPU of whole ``airflow dags
+   test`` runs (every thread, Airflow's share included) of 100 000, 1 000 000 and 10 000 000
+   rows minus a 1 000-row run, against a fast Mews stand-in (:mod:`benchmarks.in_airflow`).
 
 Sections 1-3 run the operator's ``execute()`` in a child process with a minimal context
 (:mod:`benchmarks.workload`): they measure the provider, not Airflow's task start-up.
@@ -44,7 +47,7 @@ from airflow_provider_mews.testing import connection_json, sample_data
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DAG_ID = "mews_loyalty_from_sqlite"
-SECTIONS = ("ceiling", "cpu_memory", "dag_runs")
+SECTIONS = ("ceiling", "cpu_memory", "dag_runs", "in_airflow")
 #: Effectively no limit, on both sides, for the CPU and memory runs.
 NO_LIMIT = "1000000000/1"
 
@@ -60,6 +63,9 @@ class Plan:
     cpu_repeats: int  # rounds of the small CPU/memory runs (the large one runs once)
     dag_rows: int
     dag_repeats: int
+    in_airflow_rows: tuple[int, ...] = (100_000, 1_000_000, 10_000_000)
+    in_airflow_base_rows: int = 1000
+    in_airflow_base_repeats: int = 2
     latency_s: float = 1.0
     getall_latency_s: float = 0.05
     rate_requests: int = 20
@@ -87,6 +93,8 @@ SMOKE = Plan(
     cpu_repeats=1,
     dag_rows=1000,
     dag_repeats=1,
+    in_airflow_rows=(3000,),
+    in_airflow_base_repeats=1,
 )
 
 
@@ -381,6 +389,20 @@ def dag_runs_section(plan: Plan, workdir: Path) -> dict[str, Any]:
     }
 
 
+def in_airflow_section(plan: Plan, workdir: Path) -> dict[str, Any]:
+    from benchmarks.in_airflow import Runner, fast_mews, measure
+
+    home = workdir / "in_airflow"
+    home.mkdir(exist_ok=True)
+    sizes = list(plan.in_airflow_rows)
+    with fast_mews(home) as url:
+        runner = Runner(home, url, max([*sizes, plan.in_airflow_base_rows]))
+        result = measure(runner, sizes, plan.in_airflow_base_rows, plan.in_airflow_base_repeats)
+    per_row = [r["us_per_row"] for r in result["sizes"].values()]
+    result["spread"] = max(per_row) / min(per_row) - 1 if min(per_row) > 0 else 0.0
+    return result
+
+
 def _check_run(command: list[str], env: dict[str, str], what: str) -> None:
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -439,6 +461,18 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "< 50",
             growth < 50,
         )
+    inside = results.get("in_airflow")
+    if inside:
+        per_row = {int(k): v["us_per_row"] for k, v in inside["sizes"].items()}
+        largest = per_row[max(per_row)]
+        add(f"in-Airflow CPU per row, {max(per_row):,} rows (us)", largest, "<= 8 (stretch 5)", largest <= 8)
+        if len(per_row) > 1:
+            add(
+                "in-Airflow CPU per row, spread over sizes",
+                inside["spread"],
+                "<= 0.10",
+                inside["spread"] <= 0.1,
+            )
     return out
 
 
@@ -502,6 +536,17 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "target < 50 MB",
             )
         )
+    inside = results.get("in_airflow")
+    if inside:
+        for rows_text, r in inside["sizes"].items():
+            rows.append(
+                (
+                    f"Client CPU per row in Airflow (whole `airflow dags test`), {_n(int(rows_text))} rows (us)",
+                    _n(r["us_per_row"], 1),
+                    "",
+                    "target <= 8 (stretch 5), flat within 10%",
+                )
+            )
     dag = results.get("dag_runs")
     if dag:
         rows.append(
@@ -538,8 +583,18 @@ def render_markdown(results: dict[str, Any]) -> str:
         "(sandbox with no latency and no limit). "
         "CPU and RSS are of the loading process only (not the sandbox's); the operator's `execute()` runs in "
         "a child process with a minimal context, so Airflow's task start-up is not counted there (it is in "
-        "the last row). Ratios come from the same run."
+        "the `dags test` row). Ratios come from the same run."
     )
+    inside = results.get("in_airflow")
+    if inside:
+        lines += [
+            "",
+            "In-Airflow rows: CPU (user + sys, all threads) of a whole `airflow dags test` of "
+            '`benchmarks/dags/mews_bench_in_airflow.py` (SQLite source, batches of 1000, `if_exists="add"`, '
+            "no outcome tables) against `benchmarks/fast_mews.py` (own process, no limit; the connection's "
+            f"`rate_limit_requests` lifted), minus a {_n(inside['base_rows'])}-row run "
+            f"({inside['base_cpu_s']:.1f} s: start-up and DAG-run bookkeeping), divided by the extra rows.",
+        ]
     ceiling = results.get("ceiling")
     if ceiling:
         rounds = "; ".join(
@@ -617,6 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale != 1.0:
         counts = ("add_rows", "skip_rows", "naive_rows", "small_rows", "large_rows", "dag_rows")
         plan = Plan(**{**asdict(plan), **{k: max(1, int(getattr(plan, k) * args.scale)) for k in counts}})
+        scaled = tuple(
+            max(plan.in_airflow_base_rows + 1000, int(n * args.scale)) for n in plan.in_airflow_rows
+        )
+        plan = Plan(**{**asdict(plan), "in_airflow_rows": scaled})
     out_dir = args.out or RESULTS
     name = "smoke" if args.smoke else "latest"
 
@@ -640,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["cpu_memory"] = cpu_memory_section(plan, db, workdir)
         if "dag_runs" in sections:
             results["dag_runs"] = dag_runs_section(plan, workdir)
+        if "in_airflow" in sections:
+            results["in_airflow"] = in_airflow_section(plan, workdir)
     except BenchmarkError as exc:
         log(f"FAILED: {exc}")
         return 1

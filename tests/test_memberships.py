@@ -299,3 +299,71 @@ def test_rejections_name_the_field_the_row_position_and_the_account():
     bad_account = by_row[104]
     assert bad_account.field == "AccountId"
     assert bad_account.reason.startswith("row 104 (AccountId not-a-uuid): AccountId:")
+
+
+def _exact(result):
+    if isinstance(result, RowRejected):
+        return ("rejected", result.field, str(result))
+    return [(k, type(v).__name__, v) for k, v in result.items()]
+
+
+def _per_row(plan, rows):
+    out = []
+    for values in rows:
+        try:
+            out.append(_exact(normalize(plan, values)))
+        except RowRejected as exc:
+            out.append(_exact(exc))
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 9, 1000])
+def test_a_batch_normalizes_exactly_as_its_rows_on_every_fast_path(size):
+    """Clean columns take the one-call paths (UUID regex, Code, Url, int Points, repeated values)."""
+    from airflow_provider_mews.memberships import normalize_many
+    from airflow_provider_mews.testing import sample_data
+
+    plan = plan_columns(sample_data.COLUMNS, {"tier_id": "LoyaltyTierId"})
+    rows = [list(r) for r in sample_data.members(size)]
+    for r in rows[::2]:
+        r[1] = r[1].upper()  # upper-case AccountIds: lowered on the fast path
+    got = [_exact(r) for r in normalize_many(plan, [tuple(r) for r in rows])]
+    assert got == _per_row(plan, rows)
+    assert all(item[0] != "rejected" for item in got)
+
+
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("account_id", "not-a-uuid"),
+        ("account_id", None),
+        ("account_id", "3FA85F64-5717-4562-B3FC-2C963F66AFA6\n3fa85f64-5717-4562-b3fc-2c963f66afa6"),
+        ("loyalty_program_id", ""),
+        ("is_primary", "maybe"),
+        ("is_primary", True),
+        ("is_primary", 2),
+        ("state", "Gold"),
+        ("membership_number", "x" * 256),
+        ("membership_number", "\ud800"),
+        ("membership_number", 12),
+        ("points", 2**31),
+        ("points", True),
+        ("points", "12.5"),
+        ("expiration_date", "next year"),
+        ("url", "/relative/path"),
+        ("url", " https://example.com/a "),
+        ("url", "https://example.com/a\nhttps://example.com/b"),
+        ("url", "https://exämple.com/"),
+        ("tier_id", uuid.UUID(int=5)),
+    ],
+)
+def test_a_batch_with_one_odd_value_normalizes_exactly_as_its_rows(column, value):
+    """One value off the fast path sends its row through normalize: same result, same reason."""
+    from airflow_provider_mews.memberships import normalize_many
+    from airflow_provider_mews.testing import sample_data
+
+    plan = plan_columns(sample_data.COLUMNS, {"tier_id": "LoyaltyTierId"})
+    rows = [list(r) for r in sample_data.members(40)]
+    rows[17][sample_data.COLUMNS.index(column)] = value
+    got = [_exact(r) for r in normalize_many(plan, [tuple(r) for r in rows])]
+    assert got == _per_row(plan, rows)

@@ -511,3 +511,68 @@ def test_missing_server_fails_in_ci_instead_of_skipping(tmp_path):
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "MEWS_TEST_POSTGRES_URI is not set" in proc.stdout
     assert " skipped" not in proc.stdout.splitlines()[-1]
+
+
+def test_outcome_tables_get_the_rewrite_index_and_a_retry_rewrites_without_duplicates(
+    pg, postgres_uri, driver, monkeypatch
+):
+    """An outcome table of an older version gets the index; a new one is created with it; a
+    retried try replaces the batches an earlier try wrote and adds the rest, nothing twice."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    from airflow_provider_mews.outputs import (
+        INDEX_COLUMNS,
+        Outcome,
+        Rejection,
+        RunKey,
+        TableOutput,
+        index_name,
+    )
+
+    monkeypatch.setenv("AIRFLOW_CONN_MEWS_OUTCOMES_PG", postgres_connection(postgres_uri))
+    results, rejections = f"mews_out.old_results_{driver}", f"mews_out.new_rejections_{driver}"
+    pg.execute(f"DROP TABLE IF EXISTS {results}")
+    pg.execute(f"DROP TABLE IF EXISTS {rejections}")
+    pg.execute(  # as versions before the index created it
+        f"CREATE TABLE {results} (dag_id VARCHAR(255), run_id VARCHAR(255), task_id VARCHAR(255), "
+        "map_index INTEGER, source_row INTEGER, account_id VARCHAR(36), loyalty_program_id VARCHAR(36), "
+        "code VARCHAR(255), mews_membership_id VARCHAR(36), outcome VARCHAR(32))"
+    )
+    key = RunKey("dag", f"manual__{driver}", "add_memberships", 3)
+
+    def write(out: TableOutput, start: int, tag: str) -> None:
+        outcomes = [
+            Outcome(r, f"acc-{r}", "prog", None, f"{tag}-{r}", "added") for r in range(start, start + 999)
+        ]
+        out.write(start, start + 999, outcomes, [Rejection(start + 999, None, "Points", tag)])
+
+    first = TableOutput(PostgresHook(postgres_conn_id="mews_outcomes_pg"), key, results, rejections)
+    first.open()
+    assert first.had_rows is False
+    write(first, 1, "try1")
+    write(first, 1001, "try1")
+    first.close()
+
+    found = dict(
+        pg.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'mews_out' AND indexname = ANY(%s)",
+            ([index_name(results), index_name(rejections)],),
+        ).fetchall()
+    )
+    assert set(found) == {index_name(results), index_name(rejections)}
+    assert all(f"({', '.join(INDEX_COLUMNS)})" in d for d in found.values()), found
+
+    retry = TableOutput(PostgresHook(postgres_conn_id="mews_outcomes_pg"), key, results, rejections)
+    retry.open()
+    assert retry.had_rows is True
+    write(retry, 1001, "try2")  # may have been in flight when the first try died: rewritten
+    write(retry, 2001, "try2")
+    retry.close()
+    got = pg.execute(
+        f"SELECT source_row, mews_membership_id FROM {results} WHERE run_id = %s AND map_index = 3 ORDER BY 1",
+        (key.run_id,),
+    ).fetchall()
+    assert [r for r, _ in got] == [r for s in (1, 1001, 2001) for r in range(s, s + 999)]
+    assert dict(got)[1] == "try1-1" and dict(got)[1001] == "try2-1001" and dict(got)[2999] == "try2-2999"
+    reasons = pg.execute(f"SELECT source_row, reason FROM {rejections} ORDER BY 1").fetchall()
+    assert reasons == [(1000, "try1"), (2000, "try2"), (3000, "try2")]

@@ -38,6 +38,7 @@ from airflow_provider_mews.memberships import (
     STATES,
     RowRejected,
     normalize,
+    normalize_many,
     plan_columns,
 )
 
@@ -343,6 +344,32 @@ def test_normalizing_a_normalized_membership_changes_nothing(values):
     _check_membership(first)
     again = normalize(plan, [first.get(f) for f in MEWS_FIELDS])
     assert again == first
+
+
+def _exact(result: Any) -> Any:
+    """A result with its types: 1 == True and 1.0 == 1 must not hide a difference."""
+    if isinstance(result, RowRejected):
+        return ("rejected", result.field, str(result))
+    return [(k, type(v).__name__, v) for k, v in result.items()]
+
+
+@FUZZ
+@given(layouts(), st.integers(1, 12))
+def test_a_batch_normalizes_exactly_as_each_of_its_rows(layout, copies):
+    """normalize_many (a column at a time, with fast paths) == normalize row by row, reasons included."""
+    names, field_map, rows = layout
+    try:
+        plan = plan_columns(names, field_map)
+    except ValueError:
+        return
+    batch = [values for values, _ in rows] * copies  # >= 9 rows reach the one-regex column paths
+    expected = []
+    for values in batch:
+        try:
+            expected.append(_exact(normalize(plan, values)))
+        except RowRejected as exc:
+            expected.append(_exact(exc))
+    assert [_exact(r) for r in normalize_many(plan, batch)] == expected
 
 
 def test_the_fuzzer_reaches_both_outcomes():

@@ -1,0 +1,40 @@
+"""The benchmark's DAG: the SQLite example as users run it, sized by MEWS_BENCH_ROWS.
+
+``benchmarks/in_airflow.py`` runs it with ``airflow dags test`` and counts the CPU of the
+whole process tree. Batches of 1000, ``if_exists="add"``; with MEWS_BENCH_OUTPUTS=1 the outcomes are also written to tables.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pendulum
+
+from airflow_provider_mews.operators.loyalty_memberships import LoyaltyMembershipAddOperator
+
+try:
+    from airflow.sdk import DAG
+except ImportError:  # Airflow 2.11
+    from airflow import DAG  # type: ignore[no-redef,attr-defined]
+
+ROWS = int(os.environ.get("MEWS_BENCH_ROWS", "1000"))
+OUTPUTS = os.environ.get("MEWS_BENCH_OUTPUTS", "0") == "1"
+
+with DAG(
+    dag_id="mews_bench_in_airflow",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+):
+    LoyaltyMembershipAddOperator(
+        task_id="add_memberships",
+        mews_conn_id="mews_default",
+        sql_conn_id="mews_bench_sqlite",
+        sql=f"SELECT * FROM loyalty_members WHERE member_id <= {ROWS} ORDER BY member_id",
+        field_map={"tier_id": "LoyaltyTierId"},
+        if_exists="add",
+        batch_size=1000,
+        results_table="mews_membership_results" if OUTPUTS else None,
+        rejections_table="mews_membership_rejections" if OUTPUTS else None,
+        retries=0,
+    )

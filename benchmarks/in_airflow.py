@@ -1,0 +1,206 @@
+"""Client CPU per row inside real Airflow: whole ``airflow dags test`` runs, process tree CPU.
+
+``python -m benchmarks.in_airflow --rows 100000,1000000`` runs the DAG
+``benchmarks/dags/mews_bench_in_airflow.py`` (SQLite source, batches of 1000,
+``if_exists="add"``; ``--outputs`` adds the outcome tables) with the real Airflow CLI against
+:mod:`benchmarks.fast_mews` (own process, no latency, no limit; the connection's
+``rate_limit_requests`` lifted), and reads the CPU (user + sys, every thread and every
+child process: the task runs in a child of the supervisor) of each whole ``airflow dags
+test`` from ``wait4``. Start-up, DAG parsing and the DAG run's bookkeeping cost the same
+for any size, so the per-row figure is the difference to a run of ``--base-rows`` rows::
+
+    us/row(N) = (CPU(N) - CPU(N0)) / (N - N0)
+
+It is what a user's task costs per row, Airflow's share included (task logging, the
+checkpoint's calls to the execution API, XCom), and not the stand-in's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_mews.testing import connection_json, sample_data
+
+ROOT = Path(__file__).resolve().parents[1]
+DAG_ID = "mews_bench_in_airflow"
+NO_LIMIT_REQUESTS = 1_000_000_000
+
+
+def log(message: str) -> None:
+    print(f"[in-airflow {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def fast_mews(workdir: Path) -> Iterator[str]:
+    """:mod:`benchmarks.fast_mews` on a free port, in its own process; yields its URL."""
+    with open(workdir / "fast_mews.log", "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.fast_mews", "--port", "0"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "listening on " not in line:
+            raise RuntimeError(f"the Mews stand-in did not start: {line!r}")
+        yield line.split("listening on ", 1)[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _call(url: str, path: str, post: bool = False) -> Any:
+    request = urllib.request.Request(
+        url + path, data=b"{}" if post else None, method="POST" if post else "GET"
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+class Runner:
+    """One AIRFLOW_HOME (migrated once), one SQLite source, one stand-in; many DAG runs."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        url: str,
+        source_rows: int,
+        outputs: bool = False,
+        cache: Path | None = None,
+        provider_path: Path | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.url = url
+        self.db = workdir / "members.db"
+        cached = cache / f"members-{source_rows}.db" if cache else None
+        home = workdir / "airflow_home"
+        home.mkdir(exist_ok=True)
+        self.env = os.environ.copy()
+        self.env.update(
+            {
+                "AIRFLOW_HOME": str(home),
+                "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "benchmarks" / "dags"),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW_CONN_MEWS_BENCH_SQLITE": json.dumps({"conn_type": "sqlite", "host": str(self.db)}),
+                "AIRFLOW_CONN_MEWS_DEFAULT": connection_json(
+                    url, rate_limit_requests=NO_LIMIT_REQUESTS, rate_limit_period=1.0
+                ),
+                "MEWS_BENCH_OUTPUTS": "1" if outputs else "0",
+                "PYTHONPATH": os.pathsep.join(
+                    str(p) for p in (provider_path, ROOT, os.environ.get("PYTHONPATH")) if p
+                ),
+            }
+        )
+        self.airflow = str(Path(sys.executable).parent / "airflow")
+        if cached is not None and cached.exists():
+            shutil.copyfile(cached, self.db)
+        else:
+            log(f"writing {source_rows:,} sample rows to SQLite")
+            sample_data.write_sqlite(str(self.db), source_rows)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.db, cached)
+        subprocess.run([self.airflow, "db", "migrate"], env=self.env, capture_output=True, check=True)
+
+    def run(self, rows: int, profile: Path | None = None) -> dict[str, Any]:
+        """One whole ``airflow dags test``; its tree's CPU from wait4."""
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:  # each run into fresh outcome tables
+            conn.execute("DROP TABLE IF EXISTS mews_membership_results")
+            conn.execute("DROP TABLE IF EXISTS mews_membership_rejections")
+        _call(self.url, "/_sandbox/reset", post=True)
+        command = [self.airflow, "dags", "test", DAG_ID]
+        if profile is not None:
+            command = ["py-spy", "record", "--subprocesses", "--gil", "--rate", "50", "--format", "speedscope",
+                       "-o", str(profile), "--", *command]  # fmt: skip
+        env = {**self.env, "MEWS_BENCH_ROWS": str(rows)}
+        out_path = self.workdir / f"dags_test_{rows}.log"
+        started = time.perf_counter()
+        with open(out_path, "wb") as out:
+            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stored = _call(self.url, "/_sandbox/stats")["stored"]
+        if proc.returncode != 0 or stored != rows:
+            tail = out_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"dags test of {rows} rows: exit {proc.returncode}, {stored} stored\n{tail}")
+        return {
+            "rows": rows,
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+            "user_s": usage.ru_utime,
+            "sys_s": usage.ru_stime,
+            "wall_s": wall,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        }
+
+
+def measure(runner: Runner, sizes: list[int], base_rows: int, base_repeats: int = 2) -> dict[str, Any]:
+    base = [runner.run(base_rows) for _ in range(base_repeats)]
+    base_cpu = statistics.median(r["cpu_s"] for r in base)
+    cpus = ", ".join(f"{r['cpu_s']:.2f}" for r in base)
+    log(f"base run {base_rows} rows: {cpus} s CPU")
+    out: dict[str, Any] = {"base_rows": base_rows, "base_cpu_s": base_cpu, "base_runs": base, "sizes": {}}
+    for rows in sizes:
+        result = runner.run(rows)
+        result["us_per_row"] = (result["cpu_s"] - base_cpu) / (rows - base_rows) * 1e6
+        result["sys_us_per_row"] = (
+            (result["sys_s"] - statistics.median(r["sys_s"] for r in base)) / (rows - base_rows) * 1e6
+        )
+        out["sizes"][str(rows)] = result
+        log(f"{rows:,} rows: {result['cpu_s']:.1f} s CPU, {result['wall_s']:.1f} s wall, "
+            f"{result['us_per_row']:.2f} us/row in Airflow ({result['sys_us_per_row']:.2f} of it sys)")  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.in_airflow", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--rows", default="100000,1000000", help="comma-separated sizes")
+    parser.add_argument("--base-rows", type=int, default=1000)
+    parser.add_argument("--outputs", action="store_true", help="also write the results/rejections tables")
+    parser.add_argument("--cache", type=Path, help="keep the generated SQLite source here for the next run")
+    parser.add_argument(
+        "--provider-path",
+        type=Path,
+        help="import airflow_provider_mews from this checkout (compare versions)",
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy speedscope profile of one run of the largest size"
+    )
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.rows.split(",") if s]
+    workdir = Path(tempfile.mkdtemp(prefix="mews-in-airflow-"))
+    try:
+        with fast_mews(workdir) as url:
+            biggest = max([*sizes, args.base_rows])
+            runner = Runner(workdir, url, biggest, args.outputs, args.cache, args.provider_path)
+            if args.profile:
+                result = runner.run(max(sizes), profile=args.profile)
+                log(f"profile written to {args.profile} ({result['cpu_s']:.1f} s CPU)")
+                return 0
+            print(json.dumps(measure(runner, sizes, args.base_rows), indent=2))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
