@@ -18,8 +18,8 @@ if ! command -v redis-server >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
-"$PY" -c 'import airflow.providers.celery' 2>/dev/null || {
-  echo "scale-out: the Celery provider is missing from $PY (it is in the dev extra: make test installs it)" >&2
+"$PY" -c 'import airflow.providers.celery, airflow.providers.redis' 2>/dev/null || {
+  echo "scale-out: the Celery or Redis provider is missing from $PY (both are in the dev extra: make test installs them)" >&2
   exit 1
 }
 
