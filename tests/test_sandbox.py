@@ -716,3 +716,19 @@ def test_add_answers_the_expiration_date_as_mews_does(sandbox):
 def test_getall_refuses_times_out_of_format(sandbox, start):
     body = {**AUTH, "CreatedUtc": {"StartUtc": start, "EndUtc": None}, "Limitation": {"Count": 10}}
     assert "CreatedUtc.StartUtc" in check_error(post(sandbox, GET_ALL, body), 400)["Message"]
+
+
+def test_request_log_records_when_each_api_request_arrived_and_was_answered():
+    """``/_sandbox/timings`` is what benchmarks time a whole run by: one record per API request
+    (not the admin endpoints), in answer order, with its status; reset empties it."""
+    with MewsSandbox(config=SandboxConfig(rate_limit_requests=1, add_latency_s=200.0)) as sb:
+        before = time.time()
+        check_ok(post(sb, ADD, base_add()))  # 1 item at 200 s per 1000: answered after 0.2 s
+        check_error(post(sb, GET_ALL, {**AUTH, "Limitation": {"Count": 10}}), 429)
+        assert _http.get(f"{sb.url}/_sandbox/stats", timeout=10).ok
+        log = _http.get(f"{sb.url}/_sandbox/timings", timeout=10).json()
+        assert [(r["operation"], r["status"]) for r in log] == [(ADD, 200), (GET_ALL, 429)]
+        assert before <= log[0]["arrived"] and log[0]["answered"] - log[0]["arrived"] >= 0.2
+        assert log[0]["answered"] <= log[1]["arrived"] <= log[1]["answered"] <= time.time()
+        assert _http.post(f"{sb.url}/_sandbox/reset", timeout=10).ok
+        assert _http.get(f"{sb.url}/_sandbox/timings", timeout=10).json() == []

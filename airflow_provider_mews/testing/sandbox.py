@@ -10,7 +10,8 @@ faults that real networks and APIs produce. It shares no code with the provider 
 
 Admin endpoints (not part of Mews), for tests and demos:
 ``GET /_sandbox/memberships``, ``GET /_sandbox/stats``, ``GET /_sandbox/requests`` (the request
-log: which operation, status and, for writes, what was sent), ``POST /_sandbox/config``,
+log: which operation, status and, for writes, what was sent), ``GET /_sandbox/timings`` (when
+each API request arrived and was answered, and with what status), ``POST /_sandbox/config``,
 ``POST /_sandbox/reset``.
 
 Where the contract is silent the sandbox picks the strict reading and says so (INFERRED):
@@ -207,6 +208,8 @@ class SandboxState:
         self.by_account: dict[str, list[str]] = {}
         self.stats: Counter[str] = Counter()
         self.windows: dict[str, deque[float]] = {}
+        #: One record per answered API request: operation, arrived/answered (epoch s), status.
+        self.requests: list[dict[str, Any]] = []
         #: When each accepted API request was counted (monotonic), per AccessToken.
         self.counted: dict[str, list[float]] = {}
         self.state_file = state_file
@@ -267,6 +270,7 @@ class SandboxState:
             self.by_account.clear()
             self.stats.clear()
             self.windows.clear()
+            self.requests.clear()
             self.counted.clear()
             if self.state_file:
                 open(self.state_file, "w").close()
@@ -819,6 +823,8 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
+    _arrived: float | None = None  # when the API request being answered arrived
+    _operation = ""
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.sandbox.quiet:
@@ -837,6 +843,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
+        arrived = self._arrived
+        if arrived is not None:
+            self._arrived = None
+            record = {
+                "operation": self._operation,
+                "arrived": arrived,
+                "answered": time.time(),
+                "status": status,
+            }
+            with self.server.sandbox.state.lock:
+                self.server.sandbox.state.requests.append(record)
 
     _logging: tuple[str, str] | None = None
     _body: Any = None
@@ -868,11 +885,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, sb.stats())
         elif self.path == "/_sandbox/requests":
             self._send(200, sb.request_log())
+        elif self.path == "/_sandbox/timings":
+            with sb.state.lock:
+                requests = list(sb.state.requests)
+            self._send(200, requests)
         else:
             self._send(404, {"Message": "Not found.", "RequestId": None, "Details": None})
 
     def do_POST(self) -> None:
         sb = self.server.sandbox
+        arrived = time.time()
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         if self.path.startswith("/_sandbox/"):
@@ -882,6 +904,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"Request-Id": request_id}
         prefix = "/api/connector/v1/"
         operation = self.path[len(prefix) :] if self.path.startswith(prefix) else ""
+        self._arrived, self._operation = arrived, operation
         handlers = {
             "loyaltyMemberships/add": "add",
             "loyaltyMemberships/getAll": "getAll",
