@@ -141,7 +141,7 @@ def test_row_values_are_checked():
 def test_add_item_of_a_new_row():
     item = row(provider_membership_id="P-1").add_item()
     assert item["Code"] == "M-1" and "MembershipNumber" not in item and "ProviderMembershipId" not in item
-    assert item["ExpirationDate"] == "2030-12-31T00:00:00Z"
+    assert item["ExpirationDate"] == "2030-12-31"  # format: date, as add wants it
     with pytest.raises(RowRejected, match="IsPrimary: is required to add"):
         row(is_primary=None).add_item()
 
@@ -220,7 +220,7 @@ def test_only_changed_fields_are_sent():
     }
     assert diff(row(is_primary=False, expiration_date="2031-01-01"), membership()) == {
         "IsPrimary": {"Value": False},
-        "ExpirationDate": {"Value": "2031-01-01T00:00:00Z"},
+        "ExpirationDate": {"Value": "2031-01-01"},
     }
     assert diff(row(provider_membership_id="P-1"), membership()) == {"ProviderMembershipId": {"Value": "P-1"}}
     assert diff(row(membership_number="M-2"), membership(MembershipNumber=None, Code="M-1")) == {
