@@ -5,17 +5,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-only lint bench bench-smoke clean
+.PHONY: demo test test-only lint bench bench-smoke screenshots package clean
 
 $(STAMP): pyproject.toml constraints/airflow-3.3.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev,postgres]" -c constraints/airflow-3.3.txt
+	$(BIN)/pip install --quiet -e ".[dev,demo,postgres]" -c constraints/airflow-3.3.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+# Installs Chromium/PostgreSQL only as root; without them their tests skip and are listed at
+# the end with how to enable them (MEWS_REQUIRE_ALL_TESTS=1 turns those skips into failures).
 test: $(STAMP)
 	bash .ci/system-deps.sh
 	. .ci/services.sh && $(MAKE) --no-print-directory test-only
@@ -37,5 +39,14 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(BIN)/python -m benchmarks.run --smoke
 
+# Refreshes the README's screenshots (docs/img/*.png) from the real UI; tests never write them.
+screenshots: $(STAMP)
+	bash .ci/system-deps.sh
+	MEWS_UPDATE_SCREENSHOTS=1 MEWS_REQUIRE_ALL_TESTS=1 $(BIN)/pytest -q tests/ui
+
+# Builds the wheel and sdist, checks them and smoke-tests the installed wheel (as CI does).
+package:
+	bash .ci/package.sh
+
 clean:
-	rm -rf $(VENV) .demo .artifacts
+	rm -rf $(VENV) .demo .artifacts dist

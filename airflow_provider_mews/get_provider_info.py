@@ -19,6 +19,9 @@ PLACEHOLDERS = {
     "client": f"airflow-provider-mews {__version__}",
     "chain_id": "UUID, only for Portfolio Access Tokens",
     "timeout": "30",
+    "rate_limit_requests": "200",
+    "rate_limit_period": "30",
+    "rate_limit_redis_conn_id": "redis_default (optional)",
 }
 
 #: Extra fields, as the Airflow 3.2+ connection form builds them (JSON schema per field).
@@ -42,6 +45,24 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
         "label": "Timeout (seconds)",
         "description": "Seconds one request may take to answer completely; default 30.",
         "schema": {"type": ["number", "null"]},
+    },
+    "rate_limit_requests": {
+        "label": "Rate limit: requests",
+        "description": "Requests per AccessToken per rate-limit period (Mews: 200). Workers sharing the "
+        "token share this budget; the client paces evenly and slows down after a 429.",
+        "schema": {"type": ["integer", "null"], "minimum": 1, "default": 200},
+    },
+    "rate_limit_period": {
+        "label": "Rate limit: period (seconds)",
+        "description": "Length of Mews's rate-limit window in seconds (Mews: 30).",
+        "schema": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": 30},
+    },
+    "rate_limit_redis_conn_id": {
+        "label": "Rate limit: Redis connection id",
+        "description": "Optional Airflow connection of type redis where workers on several hosts share "
+        "the token's budget (needs airflow-provider-mews[redis]). Empty: shared by the processes of "
+        "each host only.",
+        "schema": {"type": ["string", "null"]},
     },
 }
 

@@ -339,7 +339,8 @@ def to_points(value: Any) -> int:
 
 
 def to_expiration(value: Any) -> str:
-    """A date (or datetime in any zone, converted to UTC) as the UTC midnight Mews documents."""
+    """A date (or datetime in any zone, converted to UTC) as ``YYYY-MM-DD``: the add schema's
+    ``format: date`` (answers carry a UTC-midnight date-time; nothing here reads them)."""
     day: dt.date
     if isinstance(value, dt.datetime):
         moment = pendulum.instance(value) if value.tzinfo else pendulum.instance(value, tz="UTC")
@@ -350,7 +351,7 @@ def to_expiration(value: Any) -> str:
         text = value.strip()
         if len(text) == 10:
             try:
-                return f"{dt.date.fromisoformat(text).isoformat()}T00:00:00Z"
+                return dt.date.fromisoformat(text).isoformat()
             except ValueError:
                 pass
         try:
@@ -371,7 +372,7 @@ def to_expiration(value: Any) -> str:
             raise RowRejected("ExpirationDate", f"{_show(value)} is not a date")
     else:
         raise RowRejected("ExpirationDate", f"{_show(value)} is not a date")
-    return f"{day.isoformat()}T00:00:00Z"
+    return day.isoformat()
 
 
 def to_url(value: Any) -> str:

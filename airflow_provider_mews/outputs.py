@@ -26,14 +26,19 @@ log = logging.getLogger(__name__)
 
 
 class Outcome(NamedTuple):
-    """A row that Mews now holds: added by this task, or already there (``skipped_existing``)."""
+    """A row that Mews now holds: added by this task, or already there (``skipped_existing``).
 
-    source_row: int
+    Sync modes add ``updated`` (``changed_fields`` names what was sent) and ``unchanged``; a
+    mirror's removals (``canceled``, ``deleted``) have no source row (``source_row`` None).
+    """
+
+    source_row: int | None
     account_id: str
     loyalty_program_id: str
     code: str | None
     mews_membership_id: str | None
-    outcome: str  # "added" | "skipped_existing"
+    outcome: str  # "added" | "skipped_existing" | "updated" | "unchanged" | "canceled" | "deleted"
+    changed_fields: str | None = None  # comma-separated Mews fields an update sent
 
 
 class Rejection(NamedTuple):
@@ -60,7 +65,9 @@ class RunKey:
     map_index: int
 
 
-RESULT_COLUMNS = ("source_row", "account_id", "loyalty_program_id", "code", "mews_membership_id", "outcome")
+RESULT_COLUMNS = (
+    "source_row", "account_id", "loyalty_program_id", "code", "mews_membership_id", "outcome", "changed_fields",
+)  # fmt: skip
 REJECTION_COLUMNS = ("source_row", "account_id", "field", "reason", "request_id", "row_json")
 KEY_COLUMNS = ("dag_id", "run_id", "task_id", "map_index")
 #: What the per-batch rewrite filters on, in this order: the index of both outcome tables.
@@ -102,8 +109,13 @@ class TableOutput:
         if self.results_table:
             cur.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.results_table} ({key_ddl}, account_id VARCHAR(36), "
-                f"loyalty_program_id VARCHAR(36), code {text}, mews_membership_id VARCHAR(36), outcome VARCHAR(32))"
+                f"loyalty_program_id VARCHAR(36), code {text}, mews_membership_id VARCHAR(36), outcome VARCHAR(32), "
+                f"changed_fields {text})"
             )
+            # A results table made by an earlier version has no changed_fields column yet.
+            cur.execute(f"SELECT * FROM {self.results_table} WHERE 1 = 0")
+            if "changed_fields" not in {d[0].lower() for d in cur.description or ()}:
+                cur.execute(f"ALTER TABLE {self.results_table} ADD COLUMN changed_fields {text}")
         if self.rejections_table:
             cur.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.rejections_table} ({key_ddl}, account_id {text}, "
@@ -201,6 +213,28 @@ class TableOutput:
         finally:
             cur.close()
 
+    def write_removals(self, outcomes: Sequence[Outcome]) -> None:
+        """A mirror's removals (no source row): appended, as each is done exactly once."""
+        if not self.results_table or not outcomes:
+            return
+        if self._conn is None:
+            self.open()
+        ph = self.placeholder
+        key = (self.key.dag_id, self.key.run_id, self.key.task_id, self.key.map_index)
+        names = ", ".join(KEY_COLUMNS + RESULT_COLUMNS)
+        marks = ", ".join([ph] * (len(KEY_COLUMNS) + len(RESULT_COLUMNS)))
+        cur = self._conn.cursor()
+        try:
+            cur.executemany(
+                f"INSERT INTO {self.results_table} ({names}) VALUES ({marks})", [(*key, *r) for r in outcomes]
+            )
+            self._conn.commit()
+        except Exception:
+            self._conn.rollback()
+            raise
+        finally:
+            cur.close()
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -238,6 +272,10 @@ class FileOutput:
                 fh.writelines(json.dumps({**key, **r._asdict()}, default=str) + "\n" for r in records)
                 fh.flush()
                 os.fsync(fh.fileno())
+
+    def write_removals(self, outcomes: Sequence[Outcome]) -> None:
+        """A mirror's removals (no source row), appended like outcomes."""
+        self.write(0, 0, outcomes, [])
 
     def close(self) -> None:
         for fh in self._files.values():

@@ -70,3 +70,19 @@ def find_existing(hook: MembershipReader, items: Sequence[Mapping[str, Any]]) ->
         for pos in wanted.pop(key, ()):
             found[pos] = membership["Id"]
     return found
+
+
+def find_deleted(hook: MembershipReader, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` (lower case) Mews holds as deleted: asked after a delete whose fate is unknown.
+
+    A repeated delete of an Id Mews already deleted is not documented to succeed, so only the
+    Ids still active are sent again. One getAll per 1000 Ids, ``ActivityStates: ["Deleted"]``.
+    """
+    found: set[str] = set()
+    unique = list(dict.fromkeys(i.lower() for i in ids))
+    for start in range(0, len(unique), 1000):
+        for membership in hook.get_loyalty_memberships(
+            loyalty_membership_ids=unique[start : start + 1000], activity_states=["Deleted"]
+        ):
+            found.add(membership["Id"].lower())
+    return found

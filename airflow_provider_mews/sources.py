@@ -2,7 +2,8 @@
 
 A source yields chunks of rows as value tuples in the order of ``columns``. SQL sources
 read with ``fetchmany`` on a cursor (a server-side cursor on PostgreSQL), so memory does
-not grow with the table.
+not grow with the table. A run that stops early stops reading; :meth:`count` then tells how
+many rows the source holds, counted by the database, without reading them.
 """
 
 from __future__ import annotations
@@ -62,9 +63,13 @@ class ListSource:
         self.description = f"{len(rows)} rows from memberships="
 
     def chunks(self) -> Iterator[list[tuple[Any, ...]]]:
+        """The rows from the first, each call."""
         cols = self.columns
         for start in range(0, len(self.rows), self.chunk_size):
             yield [tuple(row.get(c) for c in cols) for row in self.rows[start : start + self.chunk_size]]
+
+    def count(self) -> int | None:
+        return len(self.rows)
 
     def close(self) -> None:
         pass
@@ -95,6 +100,7 @@ class SqlSource:
         self._cursor: Any = None
         self._server_side = False
         self._first: list[Any] | None = None
+        self._started = False
         self.columns: tuple[str, ...] = ()
 
     def open(self) -> None:
@@ -111,6 +117,7 @@ class SqlSource:
                 f"{type(exc).__name__}: {str(exc).strip()[:500]}"
             ) from exc
         self._first = None
+        self._started = False
         if self._cursor.description is None and self._server_side:
             # A psycopg2 named cursor describes its columns only after the first fetch.
             self._first = self._cursor.fetchmany(self.chunk_size)
@@ -138,8 +145,11 @@ class SqlSource:
         return None
 
     def chunks(self) -> Iterator[list[tuple[Any, ...]]]:
-        if self._cursor is None:
+        """The rows from the first, each call (a second call runs the query again)."""
+        if self._cursor is None or self._started:
+            self.close()
             self.open()
+        self._started = True
         if self._first:
             yield self._first
         self._first = None
@@ -148,6 +158,45 @@ class SqlSource:
             if not rows:
                 return
             yield rows
+
+    def count(self) -> int | None:
+        """``SELECT COUNT(*)`` over the table or the query, made by the database; None if it fails.
+
+        Called when a run stopped early: the streaming cursor is closed first (reading stops),
+        and the count runs on the same connection. A query the database cannot wrap in a
+        subquery, or a broken connection, gives None (unknown) rather than an error.
+        """
+        if self.table is not None:
+            query = f"SELECT COUNT(*) FROM {quote_table(self.table)}"
+        else:
+            body = (self.sql or "").strip().rstrip(";").rstrip()
+            query = f"SELECT COUNT(*) FROM (\n{body}\n) mews_source"  # newlines: a trailing -- comment
+        self._close_cursor()
+        cursor = None
+        try:
+            if self._conn is None:
+                self._conn = self.hook.get_conn()
+            cursor = self._conn.cursor()
+            cursor.execute(query)
+            row = cursor.fetchone()
+            value = next(iter(row.values())) if isinstance(row, Mapping) else row[0]
+            return int(value)
+        except Exception:
+            return None
+        finally:
+            if cursor is not None:
+                try:
+                    cursor.close()
+                except Exception:
+                    pass
+
+    def _close_cursor(self) -> None:
+        if self._cursor is not None:
+            try:
+                self._cursor.close()
+            except Exception:
+                pass
+        self._cursor = None
 
     def close(self) -> None:
         for obj in (self._cursor, self._conn):

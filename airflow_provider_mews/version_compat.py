@@ -1,4 +1,22 @@
-"""Every difference between Airflow versions lives here (Airflow 2.11 and 3.x)."""
+"""Every difference between Airflow lines (2.11, 3.0, 3.1, 3.2, 3.3) lives here.
+
+Each name is imported from where it lives today, falling back to where older lines keep it,
+feature by feature rather than by version number, as the official providers' ``common.compat``
+does. Where each one lives, proven by ``.ci/airflow-lines.sh`` on every line:
+
+================  =========================================  ====================================
+name              new home (from)                            fallback (lines before it)
+================  =========================================  ====================================
+BaseOperator      ``airflow.sdk`` (3.0)                      ``airflow.models`` (2.11)
+BaseHook          ``airflow.sdk`` (3.1)                      ``airflow.hooks.base`` (2.11, 3.0)
+Asset             ``airflow.sdk`` (3.0)                      ``airflow.datasets.Dataset`` (2.11)
+AirflowException  ``airflow.sdk.exceptions`` (3.1)           ``airflow.exceptions`` (2.11, 3.0)
+mask_secret       ``airflow.sdk.log`` (3.1),                 ``airflow.utils.log.secrets_masker``
+                  ``airflow.sdk.execution_time`` (3.0)       (2.11)
+================  =========================================  ====================================
+
+``task_state_store`` (3.3) is read from the task context where it exists (``checkpoint.py``).
+"""
 
 from __future__ import annotations
 
@@ -12,22 +30,41 @@ def get_base_airflow_version_tuple() -> tuple[int, int, int]:
 
 
 AIRFLOW_V_3_0_PLUS = get_base_airflow_version_tuple() >= (3, 0, 0)
+AIRFLOW_V_3_1_PLUS = get_base_airflow_version_tuple() >= (3, 1, 0)
 AIRFLOW_V_3_2_PLUS = get_base_airflow_version_tuple() >= (3, 2, 0)
 AIRFLOW_V_3_3_PLUS = get_base_airflow_version_tuple() >= (3, 3, 0)
 
-if AIRFLOW_V_3_0_PLUS:
-    from airflow.sdk import Asset, BaseHook, BaseOperator
-    from airflow.sdk.exceptions import AirflowException, AirflowFailException
-    from airflow.sdk.log import mask_secret
-else:  # Airflow 2.11
-    from airflow.datasets import Dataset as Asset  # type: ignore[no-redef]
-    from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
-    from airflow.hooks.base import BaseHook  # type: ignore[no-redef,attr-defined]
+try:
+    from airflow.sdk import BaseOperator
+except ImportError:  # Airflow 2.11
     from airflow.models import BaseOperator  # type: ignore[no-redef,assignment]
-    from airflow.utils.log.secrets_masker import mask_secret  # type: ignore[no-redef]
+
+try:
+    from airflow.sdk import BaseHook
+except ImportError:  # Airflow 2.11 and 3.0
+    from airflow.hooks.base import BaseHook  # type: ignore[no-redef,attr-defined]
+
+try:
+    from airflow.sdk import Asset
+except ImportError:  # Airflow 2.11: assets were datasets
+    from airflow.datasets import Dataset as Asset  # type: ignore[no-redef]
+
+try:
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+except ImportError:  # Airflow 2.11 and 3.0
+    from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
+
+try:
+    from airflow.sdk.log import mask_secret
+except ImportError:
+    try:  # Airflow 3.0: the task runner's masker
+        from airflow.sdk.execution_time.secrets_masker import mask_secret  # type: ignore[no-redef]
+    except ImportError:  # Airflow 2.11
+        from airflow.utils.log.secrets_masker import mask_secret  # type: ignore[no-redef]
 
 __all__ = [
     "AIRFLOW_V_3_0_PLUS",
+    "AIRFLOW_V_3_1_PLUS",
     "AIRFLOW_V_3_2_PLUS",
     "AIRFLOW_V_3_3_PLUS",
     "AirflowException",

@@ -234,6 +234,90 @@ def ceiling_section(plan: Plan, db: Path, workdir: Path) -> dict[str, Any]:
     }
 
 
+#: Issue 10's adversarial server: Mews's average rate over a shorter window than the connection's,
+#: counting each request 0-300 ms after it arrived; the connection keeps the default 200 / 30 s.
+ADVERSARIAL_RATE = "20/3"
+ADVERSARIAL_COUNT_DELAY_MS = 300.0
+ADVERSARIAL_ROWS = 100_000
+
+
+def adversarial_section(
+    rows: int, repeats: int, db: Path, workdir: Path, latency_s: float = 1.0
+) -> dict[str, Any]:
+    """The operator as a new user runs it (connection default 200 / 30 s, a fresh limiter state)
+    against a sandbox enforcing 20 requests / 3 s and counting each request 0-300 ms late."""
+    count, _, period = ADVERSARIAL_RATE.partition("/")
+    add_ceiling = int(count) * 1000 / float(period)
+    ceilings = {"add": add_ceiling, "skip": add_ceiling / 2}
+    runs: dict[str, list[dict[str, Any]]] = {"add": [], "skip": []}
+    for round_no in range(1, repeats + 1):
+        for if_exists in ("add", "skip"):
+            state_dir = workdir / f"limiter-{if_exists}-{round_no}"  # a new user: nothing learned yet
+            os.environ["MEWS_RATE_LIMIT_DIR"] = str(state_dir)
+            try:
+                with sandbox(workdir, latency_s, 0.05, ADVERSARIAL_RATE) as url:
+                    _sandbox_post(url, "/_sandbox/config", {"count_delay_ms": ADVERSARIAL_COUNT_DELAY_MS})
+                    result = run_workload("operator", db, url, rows, if_exists=if_exists, rate="200/30")
+            finally:
+                os.environ.pop("MEWS_RATE_LIMIT_DIR", None)
+            result["fraction_of_ceiling"] = result["rows_per_s"] / ceilings[if_exists]
+            result["429_per_100k_rows"] = result["sandbox_429"] * 100_000 / rows
+            runs[if_exists].append(result)
+            log(
+                f"adversarial round {round_no}/{repeats} {if_exists}: {rows} rows in {result['wall_s']:.1f} s = "
+                f"{result['rows_per_s']:.0f} rows/s ({result['fraction_of_ceiling']:.2f} of ceiling), "
+                f"{result['sandbox_429']} x 429 in {result['summary'].get('requests')} requests"
+            )
+    out: dict[str, Any] = {
+        "server": f"{ADVERSARIAL_RATE.replace('/', ' requests / ')} s, count delay 0-{ADVERSARIAL_COUNT_DELAY_MS:g} ms, "
+        f"add latency {latency_s:g} s per 1000",
+        "connection": "default 200 requests / 30 s",
+        "rows": rows,
+        "ceiling_rows_per_s": ceilings,
+        "runs": runs,
+    }
+    for name, rs in runs.items():
+        out[name] = {
+            "median_fraction_of_ceiling": statistics.median(r["fraction_of_ceiling"] for r in rs),
+            "max_429_per_100k_rows": max(r["429_per_100k_rows"] for r in rs),
+            "median_rows_per_s": statistics.median(r["rows_per_s"] for r in rs),
+        }
+    return out
+
+
+def _sandbox_post(url: str, path: str, body: dict[str, Any]) -> None:
+    request = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        response.read()
+
+
+def render_adversarial(section: dict[str, Any]) -> str:
+    lines = [
+        f"Adversarial server ({section['server']}; connection {section['connection']}; "
+        f"{_n(section['rows'])} rows, fresh limiter state per run):",
+        "",
+        "| if_exists | rows/s (median) | fraction of ceiling | 429s per 100 000 rows (max) | each run |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("add", "skip"):
+        agg = section[name]
+        each = "; ".join(
+            f"{r['fraction_of_ceiling']:.3f}, {r['sandbox_429']} x 429 / {r['summary'].get('requests')} req"
+            for r in section["runs"][name]
+        )
+        lines.append(
+            f"| {name} | {_n(agg['median_rows_per_s'])} (ceiling {_n(section['ceiling_rows_per_s'][name])}) | "
+            f"{agg['median_fraction_of_ceiling']:.3f} (target >= 0.90) | {agg['max_429_per_100k_rows']:g} "
+            f"(target <= 3) | {each} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def cpu_memory_section(plan: Plan, db: Path, workdir: Path) -> dict[str, Any]:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {"operator": {}, "naive": {}}
     schedule = [plan.small_rows] * plan.cpu_repeats + [plan.large_rows]
@@ -570,7 +654,15 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="directory for the JSON and markdown (default benchmarks/results)"
     )
     parser.add_argument("--note", default="", help="a line added to the markdown (e.g. what else ran)")
+    parser.add_argument(
+        "--adversarial",
+        action="store_true",
+        help="only the issue-10 run: sandbox 20 req / 3 s counting 0-300 ms late, connection 200 / 30 s, "
+        "100 000 rows (x --scale), add and skip; writes adversarial.json/.md",
+    )
     args = parser.parse_args(argv)
+    if args.adversarial:
+        return adversarial_main(args)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -628,6 +720,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         print("\nsmoke mode: every load arrived complete; sizes are too small to judge the targets.")
     print(f"\nwritten: {out_dir / (name + '.json')} and {out_dir / (name + '.md')}")
+    return 0
+
+
+def adversarial_main(args: argparse.Namespace) -> int:
+    rows = max(1000, int(ADVERSARIAL_ROWS * args.scale))
+    repeats = args.repeats or 1
+    out_dir = args.out or RESULTS
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": _command(args) + " --adversarial",
+        "machine": machine(),
+        "note": args.note,
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="mews-bench-"))
+    try:
+        db = workdir / "members.db"
+        sample_data.write_sqlite(str(db), rows)
+        results["adversarial"] = adversarial_section(rows, repeats, db, workdir)
+    except BenchmarkError as exc:
+        log(f"FAILED: {exc}")
+        return 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["duration_s"] = time.perf_counter() - started
+    results["finished_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    m = results["machine"]
+    text = (
+        f"Command: `{results['command']}` ({results['finished_utc']}, {results['duration_s'] / 60:.1f} min). "
+        f"Load average at start {m['load_average_at_start']}, at end {m['load_average_at_end']}"
+        f"{'; ' + args.note if args.note else ''}.\n\n" + render_adversarial(results["adversarial"])
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "adversarial.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "adversarial.md").write_text(text)
+    print(text)
     return 0
 
 

@@ -1,13 +1,19 @@
 """A large table split into shards, one mapped task each, all sharing one Airflow pool.
 
 This is how the job scales out on Celery or Kubernetes executors: each shard is an
-independent, retryable task instance with its own checkpoint. The pool caps how many
-shards talk to Mews at once; with several worker processes sharing one AccessToken, set
-the connection's ``extra.rate_limit_requests`` to 200 divided by the pool's slots so the
-client-side limiters add up to Mews's limit (429s are honoured either way).
+independent, retryable task instance with its own checkpoint (the operator's defaults reach
+mapped tasks too: 3 retries, 30 s apart with exponential back-off, and its asset outlet). The
+pool caps how many shards talk to Mews at once. The shards share one rate budget per
+AccessToken: on one host with no configuration, across hosts when the Mews connection names a
+Redis connection in ``extra.rate_limit_redis_conn_id`` (README, "Scaling out").
+
+The shard count comes from the ``MEWS_EXAMPLE_SHARDS`` environment variable (default 4),
+read when the file is parsed: set it alike for the DAG processor and every worker.
 """
 
 from __future__ import annotations
+
+import os
 
 import pendulum
 
@@ -18,7 +24,7 @@ try:
 except ImportError:  # Airflow 2.11
     from airflow import DAG  # type: ignore[no-redef,attr-defined]
 
-SHARDS = 4
+SHARDS = int(os.environ.get("MEWS_EXAMPLE_SHARDS", "4"))
 
 with DAG(
     dag_id="mews_loyalty_sharded",

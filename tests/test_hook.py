@@ -34,7 +34,7 @@ from airflow_provider_mews.exceptions import (
     MewsServerError,
 )
 from airflow_provider_mews.hooks.mews import MewsConnectorHook, parse_retry_after
-from airflow_provider_mews.rate_limit import SlidingWindowLimiter, limiter_for
+from airflow_provider_mews.rate_limit import limiter_for
 from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN, MewsSandbox, connection_json
 
 ADD = "loyaltyMemberships/add"
@@ -522,41 +522,16 @@ def test_limiter_keeps_threads_under_the_sandbox_window(make_hook, mews_sandbox)
     assert sum(h.stats.rate_limited for h in hooks) == 0
 
 
-def test_limiter_for_is_one_per_token_and_limits():
+def test_limiter_for_is_one_per_token_scope_and_limits():
     a = limiter_for("token-A-for-test", 7, 3.0)
     assert limiter_for("token-A-for-test", 7, 3.0) is a
     assert limiter_for("token-B-for-test", 7, 3.0) is not a
     assert limiter_for("token-A-for-test", 8, 3.0) is not a
+    assert limiter_for("token-A-for-test", 7, 3.0, scope="http://elsewhere") is not a
     from airflow_provider_mews import rate_limit
 
     assert not any("token-A-for-test" in part for key in rate_limit._registry for part in map(str, key))
-
-
-def test_sliding_window_limiter_blocks_until_the_window_slides():
-    limiter = SlidingWindowLimiter(3, 0.3)
-    start = time.monotonic()
-    assert all(limiter.acquire() for _ in range(3))
-    # Full: no slot within the next 0.1 s.
-    assert limiter.acquire(deadline=time.monotonic() + 0.1) is False
-    assert limiter.acquire() is True  # waits for the oldest send to leave the window
-    assert time.monotonic() - start >= 0.3
-    assert limiter.waited_s > 0
-
-
-def test_sliding_window_limiter_pause_holds_everyone_back():
-    limiter = SlidingWindowLimiter(100, 1.0)
-    assert limiter.acquire()
-    limiter.pause(5.0)
-    assert limiter.acquire(deadline=time.monotonic() + 1.0) is False
-    limiter.pause(0.0)  # a shorter pause never shortens a longer one
-    assert limiter.acquire(deadline=time.monotonic() + 1.0) is False
-
-
-def test_sliding_window_limiter_rejects_nonsense():
-    with pytest.raises(ValueError):
-        SlidingWindowLimiter(0, 1.0)
-    with pytest.raises(ValueError):
-        SlidingWindowLimiter(1, 0)
+    assert "token-A-for-test" not in a.key
 
 
 def test_add_ids_only_returns_the_ids_in_the_order_sent(make_hook, mews_sandbox):

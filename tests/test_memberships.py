@@ -187,18 +187,18 @@ def test_expiration_date_from_dates_datetimes_in_any_zone_and_iso_strings():
     def exp(value):
         return norm(ExpirationDate=value)["ExpirationDate"]
 
-    assert exp(dt.date(2029, 12, 24)) == "2029-12-24T00:00:00Z"
-    assert exp(dt.datetime(2029, 12, 24, 23, 30)) == "2029-12-24T00:00:00Z"  # naive: taken as UTC
+    assert exp(dt.date(2029, 12, 24)) == "2029-12-24"
+    assert exp(dt.datetime(2029, 12, 24, 23, 30)) == "2029-12-24"  # naive: taken as UTC
     minus5 = dt.timezone(dt.timedelta(hours=-5))
-    assert exp(dt.datetime(2029, 12, 24, 23, 30, tzinfo=minus5)) == "2029-12-25T00:00:00Z"
-    assert exp(pendulum.datetime(2029, 12, 25, 0, 30, tz="Europe/Prague")) == "2029-12-24T00:00:00Z"
-    assert exp(dt.datetime(2029, 12, 24, 10, tzinfo=dt.timezone.utc)) == "2029-12-24T00:00:00Z"
-    assert exp("2029-12-24") == "2029-12-24T00:00:00Z"
-    assert exp(" 2029-12-24 ") == "2029-12-24T00:00:00Z"
-    assert exp("2029-12-24T10:00:00Z") == "2029-12-24T00:00:00Z"
-    assert exp("2029-12-24T23:30:00-05:00") == "2029-12-25T00:00:00Z"
-    assert exp("2029-12-25T00:30:00+01:00") == "2029-12-24T00:00:00Z"
-    assert exp("2029-12-24 10:00") == "2029-12-24T00:00:00Z"
+    assert exp(dt.datetime(2029, 12, 24, 23, 30, tzinfo=minus5)) == "2029-12-25"
+    assert exp(pendulum.datetime(2029, 12, 25, 0, 30, tz="Europe/Prague")) == "2029-12-24"
+    assert exp(dt.datetime(2029, 12, 24, 10, tzinfo=dt.timezone.utc)) == "2029-12-24"
+    assert exp("2029-12-24") == "2029-12-24"
+    assert exp(" 2029-12-24 ") == "2029-12-24"
+    assert exp("2029-12-24T10:00:00Z") == "2029-12-24"
+    assert exp("2029-12-24T23:30:00-05:00") == "2029-12-25"
+    assert exp("2029-12-25T00:30:00+01:00") == "2029-12-24"
+    assert exp("2029-12-24 10:00") == "2029-12-24"
 
 
 @pytest.mark.parametrize(
@@ -261,7 +261,7 @@ def test_a_valid_row_becomes_exactly_the_mews_object():
     plan = plan_columns(list(row))
     assert normalize(plan, list(row.values())) == {
         "AccountId": ACCOUNT, "LoyaltyProgramId": PROGRAM, "IsPrimary": False, "State": "Enrolled",
-        "Code": "MBR-1", "Points": 120, "ExpirationDate": "2029-12-24T00:00:00Z",
+        "Code": "MBR-1", "Points": 120, "ExpirationDate": "2029-12-24",
         "Url": "https://rewards.example.com/m/1", "LoyaltyTierId": TIER,
     }  # fmt: skip
 

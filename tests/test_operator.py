@@ -44,8 +44,11 @@ def dag_file(body: str) -> str:
 
 
 def counts_add_up(summary: dict) -> bool:
-    return summary["rows_read"] == (
-        summary["added"] + summary["skipped_existing"] + summary["rejected"] + summary["not_reached"]
+    """The summary's invariant when the source's size is known (see ``progress.py``)."""
+    return (
+        summary["rows_read"]
+        <= summary["rows_total"]
+        == (summary["added"] + summary["skipped_existing"] + summary["rejected"] + summary["not_reached"])
     )
 
 
@@ -323,8 +326,9 @@ def test_more_rejections_than_allowed_fail_the_task_after_reporting(
     assert ti.state == "failed" and ti.try_number == 1  # too many bad rows: no retry can fix that
 
     summary = task_result(dr, "add", key="mews_summary")
-    assert summary["rows_read"] == 2000 and counts_add_up(summary)
+    assert summary["rows_total"] == 2000 and counts_add_up(summary)
     assert summary["rejected"] == 4  # stopped at the 4th bad row, in batch 8 of 20
+    assert summary["rows_read"] == 800  # ... and read no further: the database counted the rest
     assert summary["not_reached"] >= 1200  # the rest of the table was never sent
     assert sum(account_counts(mews_sandbox).values()) == summary["added"] > 0
     assert len(rejections.read_text().splitlines()) == 4
@@ -532,3 +536,34 @@ def _wait_for_url(port_file: Path, proc: subprocess.Popen) -> str:
         assert proc.poll() is None, text
         time.sleep(0.1)
     raise AssertionError("the sandbox did not start")
+
+
+def test_time_waited_in_the_client_limiter_is_reported(run_dag, mews_sandbox, monkeypatch, capfd):
+    """A connection paced at 4 requests/s: 12 batches must wait in the limiter, and the summary
+    and progress lines say how long (not only the 429 holds, of which there are none here)."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MEWS_PACED",
+        connection_json(mews_sandbox.url, rate_limit_requests=4, rate_limit_period=1),
+    )
+    rows = [
+        {
+            "account_id": f"{i:08x}-0000-4000-8000-000000000000",
+            "loyalty_program_id": PROGRAM,
+            "is_primary": True,
+        }
+        for i in range(120)
+    ]
+    source = dag_file(f"""
+        with DAG(dag_id="t_op_paced", schedule=None, start_date=START, catchup=False):
+            LoyaltyMembershipAddOperator(
+                task_id="add", mews_conn_id="mews_paced", memberships={rows!r}, batch_size=10,
+                if_exists="add", progress_interval_s=0, retries=0,
+            )
+    """)
+    dr = run_dag("t_op_paced", source)
+    log = capfd.readouterr().out
+    assert dr.state == "success", log[-5000:]
+    summary = task_result(dr, "add")
+    assert summary["added"] == 120 and summary["rate_limited"] == 0
+    assert summary["limiter_wait_s"] > 0.5  # 12 requests at 4/s: about 2 s of pacing, summed over threads
+    assert "s waited in the rate limiter" in log

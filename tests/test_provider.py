@@ -63,7 +63,15 @@ def test_providers_manager_knows_the_mews_connection_form():
     assert hook.connection_testable is True
 
     widgets = {k: w for k, w in pm.connection_form_widgets.items() if k.startswith("extra__mews__")}
-    assert set(widgets) == {f"extra__mews__{f}" for f in ("client_token", "client", "chain_id", "timeout")}
+    fields = ("client_token", "client", "chain_id", "timeout")
+    fields += ("rate_limit_requests", "rate_limit_period", "rate_limit_redis_conn_id")
+    assert set(widgets) == {f"extra__mews__{f}" for f in fields}
+    # Typed rate settings, validated by the form (like the SMTP provider's timeout and retry_limit).
+    requests_schema = widgets["extra__mews__rate_limit_requests"].field["schema"]
+    assert requests_schema["type"] == ["integer", "null"] and requests_schema["minimum"] == 1
+    period_schema = widgets["extra__mews__rate_limit_period"].field["schema"]
+    assert period_schema["type"] == ["number", "null"] and period_schema["exclusiveMinimum"] == 0
+    assert widgets["extra__mews__rate_limit_redis_conn_id"].field["schema"]["type"] == ["string", "null"]
     assert widgets["extra__mews__client_token"].is_sensitive is True
     assert widgets["extra__mews__client_token"].field["schema"]["format"] == "password"
     assert widgets["extra__mews__client_token"].field["schema"]["title"] == "Client token"

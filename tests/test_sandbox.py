@@ -8,9 +8,10 @@ header. Hypothesis generates both kinds and checks that the sandbox and the sche
 Beyond the schema: tokens (401), the sliding window (429 + Retry-After), CreatedUtc filters,
 cursors, and the state file across restarts.
 
-Two things the schema cannot judge are kept out of the generated data: ``Url`` (format ``uri``
-is not checked by jsonschema) and ``ExpirationDate`` (a plain string in the schema, an ISO 8601
-date for Mews). Numbers like ``1.0`` are integers for JSON Schema but not for Mews's .NET
+Two things the JSON Schema copy cannot judge are kept out of the generated data: ``Url``
+(format ``uri``) and ``ExpirationDate`` (a plain string in that copy, ``format: date`` in the
+published OpenAPI description). The sandbox asserts both formats (and uuid, date-time); its
+format checks are compared below with jsonschema's own (rfc3986-validator, rfc3339-validator). Numbers like ``1.0`` are integers for JSON Schema but not for Mews's .NET
 parser, so generated integers are always written without a fraction.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,11 +30,13 @@ from typing import Any
 
 import pytest
 import requests
+from conftest import ROOT, needs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, FormatChecker
 
 from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN, MewsSandbox, SandboxConfig
+from airflow_provider_mews.testing.sandbox import FORMAT_CHECKER as SANDBOX_FORMATS
 
 SCHEMA = json.loads((Path(__file__).parent / "data" / "loyalty-memberships.schema.json").read_text())
 STATES = ["New", "Pending", "Enrolled", "Canceled", "Declined"]
@@ -111,8 +115,7 @@ valid_item = st.fixed_dictionaries(
         "MembershipNumber": st.none() | short_text,
         "Points": st.none() | int32,
         "ExpirationDate": st.none()
-        | st.dates(datetime(2000, 1, 1).date(), datetime(2100, 1, 1).date()).map(str)
-        | st.sampled_from(["2026-12-31T00:00:00Z", "2027-06-30T12:30:00+02:00"]),
+        | st.dates(datetime(2000, 1, 1).date(), datetime(2100, 1, 1).date()).map(str),
         "Url": st.none() | st.sampled_from(["https://rewards.example.com/m/1", "http://x.example.org/?a=1"]),
         "LoyaltyTierId": st.none() | uuids,
     },
@@ -527,7 +530,7 @@ def test_429_with_retry_after_from_a_sliding_window_per_access_token(mews_sandbo
 
 
 def test_every_answer_has_a_request_id(sandbox):
-    unknown = post(sandbox, "loyaltyMemberships/delete", base_add())
+    unknown = post(sandbox, "loyaltyMemberships/merge", base_add())
     assert check_error(unknown, 404)["Message"] == "Not found."
     config = post(sandbox, "configuration/get", AUTH)
     assert config.status_code == 200 and config.json()["Enterprise"]["Name"]
@@ -627,9 +630,105 @@ def test_reset_returns_to_the_start_up_settings():
         check_error(post(sb, ADD, base_add()), 429)
 
 
-def test_schema_copy_matches_the_shared_contract():
-    """tests/data holds a copy so a lone clone can test; it must stay the published contract."""
-    shared = Path(__file__).resolve().parents[2] / "shared" / "mews-api" / "loyalty-memberships.schema.json"
-    assert shared.exists(), f"the API contract is expected beside the repository at {shared}"
-    copy = Path(__file__).parent / "data" / "loyalty-memberships.schema.json"
-    assert json.loads(copy.read_text()) == json.loads(shared.read_text())
+CONTRACT_COPIES = (
+    "loyalty-memberships.schema.json",
+    "loyalty-memberships-update-delete.schema.json",
+    "add-loyalty-memberships.seed.txt",
+)
+
+
+@pytest.mark.parametrize("name", CONTRACT_COPIES)
+def test_contract_copies_match_the_shared_contract(name):
+    """tests/data holds copies so that any clone can test; beside the maintainers' checkout (and in
+    CI) they must stay identical to the contract in ../shared/mews-api/."""
+    shared_dir = Path(os.environ.get("MEWS_API_CONTRACT_DIR", ROOT.parent / "shared" / "mews-api"))
+    if not shared_dir.is_dir():
+        needs(
+            "the API contract folder ../shared/mews-api",
+            f"only the maintainers' layout has it (or set MEWS_API_CONTRACT_DIR); {shared_dir} is absent",
+        )
+    copy = Path(__file__).parent / "data" / name
+    assert copy.read_bytes() == (shared_dir / name).read_bytes(), (
+        f"tests/data/{name} differs from {shared_dir}"
+    )
+
+
+# -- format assertions (the sandbox's own checks, compared with jsonschema's) --
+
+FORMAT_SAMPLES = {
+    "date": ["2029-12-24", "2000-02-29", "2029-12-24T00:00:00Z", "2029-02-30", "2029-1-2", "20291224",
+             "2029-12-24 ", "", "2029-13-01"],
+    "date-time": ["2026-01-01T00:00:00Z", "2026-01-01T10:30:00.123456+02:00", "2026-01-01t10:30:00z",
+                  "2026-01-01", "2026-01-01T10:30:00", "2026-01-01 10:30:00Z", "2026-02-30T00:00:00Z",
+                  "2026-01-01T25:00:00Z"],
+    "uri": ["https://rewards.example.com/m/1?a=1#top", "http://x.example.org/?a=1", "https://[::1]:8080/x",
+            "https://h/%C3%A9", "https://exa mple.com", "https://h/\u00e9", "https://h/%zz", "no-scheme.example.com",
+            "https://h/<x>", "https://h/a#b#c"],
+    "uuid": ["3fa85f64-5717-4562-b3fc-2c963f66afa6", "3FA85F64-5717-4562-B3FC-2C963F66AFA6",
+             "3fa85f6457174562b3fc2c963f66afa6", "3fa85f64-5717-4562-b3fc-2c963f66afa", "not-a-uuid"],
+}  # fmt: skip
+
+
+def test_jsonschema_format_checks_are_really_on():
+    """Without rfc3339-validator and rfc3986-validator, jsonschema passes every date-time and uri."""
+    checker = FormatChecker()
+    assert {"date", "date-time", "uri", "uuid"} <= set(checker.checkers), sorted(checker.checkers)
+    assert not checker.conforms("not a date-time", "date-time")
+    assert not checker.conforms("not a uri", "uri")
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMAT_SAMPLES))
+def test_sandbox_formats_agree_with_jsonschema(fmt):
+    standard = FormatChecker()
+    for value in FORMAT_SAMPLES[fmt]:
+        expected = standard.conforms(value, fmt)
+        if fmt == "uri" and expected:  # Mews's Url is a URL: the sandbox also wants "scheme://host"
+            expected = "://" in value
+        assert SANDBOX_FORMATS.conforms(value, fmt) == expected, (fmt, value)
+    assert any(SANDBOX_FORMATS.conforms(v, fmt) for v in FORMAT_SAMPLES[fmt])
+    assert not all(SANDBOX_FORMATS.conforms(v, fmt) for v in FORMAT_SAMPLES[fmt])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("ExpirationDate", "2029-12-24T00:00:00Z"),  # a date-time where the schema says format: date
+        ("ExpirationDate", "2029-02-30"),
+        ("Url", "https://rewards.example.com/m 1"),
+        ("Url", "rewards.example.com/m/1"),
+        ("LoyaltyTierId", "3fa85f6457174562b3fc2c963f66afa6"),
+    ],
+)
+def test_add_refuses_values_out_of_format(sandbox, field, value):
+    item = {**base_add()["LoyaltyMemberships"][0], field: value}
+    body = check_error(post(sandbox, ADD, {**AUTH, "LoyaltyMemberships": [item]}), 400)
+    assert f"LoyaltyMemberships[0].{field}" in body["Message"]
+
+
+def test_add_answers_the_expiration_date_as_mews_does(sandbox):
+    """Sent as format date, answered as the response schema's date-time (UTC midnight)."""
+    item = {**base_add()["LoyaltyMemberships"][0], "ExpirationDate": "2029-12-24"}
+    (created,) = check_ok(post(sandbox, ADD, {**AUTH, "LoyaltyMemberships": [item]}))["LoyaltyMemberships"]
+    assert created["ExpirationDate"] == "2029-12-24T00:00:00Z"
+
+
+@pytest.mark.parametrize("start", ["2026-01-01", "2026-01-01T00:00:00", "yesterday"])
+def test_getall_refuses_times_out_of_format(sandbox, start):
+    body = {**AUTH, "CreatedUtc": {"StartUtc": start, "EndUtc": None}, "Limitation": {"Count": 10}}
+    assert "CreatedUtc.StartUtc" in check_error(post(sandbox, GET_ALL, body), 400)["Message"]
+
+
+def test_request_log_records_when_each_api_request_arrived_and_was_answered():
+    """``/_sandbox/timings`` is what benchmarks time a whole run by: one record per API request
+    (not the admin endpoints), in answer order, with its status; reset empties it."""
+    with MewsSandbox(config=SandboxConfig(rate_limit_requests=1, add_latency_s=200.0)) as sb:
+        before = time.time()
+        check_ok(post(sb, ADD, base_add()))  # 1 item at 200 s per 1000: answered after 0.2 s
+        check_error(post(sb, GET_ALL, {**AUTH, "Limitation": {"Count": 10}}), 429)
+        assert _http.get(f"{sb.url}/_sandbox/stats", timeout=10).ok
+        log = _http.get(f"{sb.url}/_sandbox/timings", timeout=10).json()
+        assert [(r["operation"], r["status"]) for r in log] == [(ADD, 200), (GET_ALL, 429)]
+        assert before <= log[0]["arrived"] and log[0]["answered"] - log[0]["arrived"] >= 0.2
+        assert log[0]["answered"] <= log[1]["arrived"] <= log[1]["answered"] <= time.time()
+        assert _http.post(f"{sb.url}/_sandbox/reset", timeout=10).ok
+        assert _http.get(f"{sb.url}/_sandbox/timings", timeout=10).json() == []

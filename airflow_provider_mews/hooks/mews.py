@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 import uuid
@@ -42,7 +43,7 @@ from airflow_provider_mews.get_provider_info import (
 from airflow_provider_mews.rate_limit import (
     DEFAULT_MAX_REQUESTS,
     DEFAULT_PERIOD_S,
-    SlidingWindowLimiter,
+    TokenLimiter,
     limiter_for,
 )
 from airflow_provider_mews.version_compat import BaseHook, mask_secret
@@ -95,6 +96,8 @@ class MewsSettings:
     timeout_s: float = DEFAULT_TIMEOUT_S
     rate_limit_requests: int = DEFAULT_MAX_REQUESTS
     rate_limit_period_s: float = DEFAULT_PERIOD_S
+    #: Airflow connection (type redis) where workers on several hosts share the token's pace.
+    rate_limit_redis_conn_id: str | None = None
 
 
 def _setting_error(conn_id: str, what: str) -> MewsConfigurationError:
@@ -146,11 +149,24 @@ def settings_from_connection(conn: Any) -> MewsSettings:
     period = _positive_number(
         extra.get("rate_limit_period"), DEFAULT_PERIOD_S, "extra.rate_limit_period", cid
     )
-    max_requests = int(
-        _positive_number(
-            extra.get("rate_limit_requests"), DEFAULT_MAX_REQUESTS, "extra.rate_limit_requests", cid
-        )
+    max_requests = _positive_number(
+        extra.get("rate_limit_requests"), DEFAULT_MAX_REQUESTS, "extra.rate_limit_requests", cid
     )
+    if max_requests != int(max_requests):
+        raise _setting_error(
+            cid,
+            f"extra.rate_limit_requests must be a whole number of requests, got {extra['rate_limit_requests']!r}.",
+        )
+    redis_conn_id = extra.get("rate_limit_redis_conn_id") or None
+    if redis_conn_id is not None and (
+        not isinstance(redis_conn_id, str) or not _CONN_ID.match(redis_conn_id.strip())
+    ):
+        raise _setting_error(
+            cid,
+            f"extra.rate_limit_redis_conn_id must name an Airflow connection of type redis "
+            f"(letters, digits, '_', '-', '.'), got {redis_conn_id!r}; leave it empty to share the "
+            "rate limit between the processes of one host only.",
+        )
     return MewsSettings(
         base_url=f"{parts.scheme}://{parts.netloc}",
         access_token=conn.password,
@@ -158,9 +174,13 @@ def settings_from_connection(conn: Any) -> MewsSettings:
         client=client,
         chain_id=chain_id,
         timeout_s=timeout,
-        rate_limit_requests=max_requests,
+        rate_limit_requests=int(max_requests),
         rate_limit_period_s=period,
+        rate_limit_redis_conn_id=redis_conn_id.strip() if redis_conn_id else None,
     )
+
+
+_CONN_ID = re.compile(r"^[\w.\-]{1,250}$")
 
 
 def _positive_number(value: Any, default: float, name: str, cid: str) -> float:
@@ -209,7 +229,10 @@ class CallStats:
     requests: int = 0
     retries: int = 0
     rate_limited: int = 0
+    #: Retry-After time imposed by the 429s this hook met.
     rate_limit_wait_s: float = 0.0
+    #: Time this hook's threads waited in the client-side limiter (pace and every Retry-After hold).
+    limiter_wait_s: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: float) -> None:
@@ -269,13 +292,31 @@ class MewsConnectorHook(BaseHook):
     def get_connection_form_widgets(cls) -> dict[str, Any]:
         from flask_appbuilder.fieldwidgets import BS3PasswordFieldWidget, BS3TextFieldWidget
         from flask_babel import lazy_gettext
-        from wtforms import PasswordField, StringField
+        from wtforms import DecimalField, IntegerField, PasswordField, StringField
+        from wtforms.validators import NumberRange, Optional, Regexp
 
         return {
             "client_token": PasswordField(lazy_gettext("Client token"), widget=BS3PasswordFieldWidget()),
             "client": StringField(lazy_gettext("Client"), widget=BS3TextFieldWidget()),
             "chain_id": StringField(lazy_gettext("Chain id"), widget=BS3TextFieldWidget()),
             "timeout": StringField(lazy_gettext("Timeout (seconds)"), widget=BS3TextFieldWidget()),
+            "rate_limit_requests": IntegerField(
+                lazy_gettext("Rate limit: requests"),
+                validators=[Optional(strip_whitespace=True), NumberRange(min=1)],
+                widget=BS3TextFieldWidget(),
+                default=DEFAULT_MAX_REQUESTS,
+            ),
+            "rate_limit_period": DecimalField(
+                lazy_gettext("Rate limit: period (seconds)"),
+                validators=[Optional(strip_whitespace=True), NumberRange(min=0.001)],
+                widget=BS3TextFieldWidget(),
+                default=DEFAULT_PERIOD_S,
+            ),
+            "rate_limit_redis_conn_id": StringField(
+                lazy_gettext("Rate limit: Redis connection id"),
+                validators=[Optional(strip_whitespace=True), Regexp(_CONN_ID.pattern)],
+                widget=BS3TextFieldWidget(),
+            ),
         }
 
     @classmethod
@@ -311,9 +352,28 @@ class MewsConnectorHook(BaseHook):
         return session
 
     @cached_property
-    def limiter(self) -> SlidingWindowLimiter:
+    def limiter(self) -> TokenLimiter:
+        """The AccessToken's limiter, shared with every hook, thread and process on the token."""
         s = self.settings
-        return limiter_for(s.access_token, s.rate_limit_requests, s.rate_limit_period_s)
+        try:
+            return limiter_for(
+                s.access_token,
+                s.rate_limit_requests,
+                s.rate_limit_period_s,
+                scope=s.base_url,
+                redis_conn_id=s.rate_limit_redis_conn_id,
+            )
+        except ImportError as exc:
+            raise _setting_error(self.mews_conn_id, str(exc)) from None
+        except Exception as exc:
+            if s.rate_limit_redis_conn_id and type(exc).__name__ == "AirflowNotFoundException":
+                raise _setting_error(
+                    self.mews_conn_id,
+                    f"extra.rate_limit_redis_conn_id names the Airflow connection "
+                    f"'{s.rate_limit_redis_conn_id}', which does not exist; create it (type redis) "
+                    "or leave the field empty.",
+                ) from None
+            raise
 
     def close(self) -> None:
         if "session" in self.__dict__:
@@ -344,13 +404,18 @@ class MewsConnectorHook(BaseHook):
         url = s.base_url + API_PATH + operation
         deadline = time.monotonic() + self.max_retry_time_s
         failures = 0
+        limited = 0
         while True:
-            if not self.limiter.acquire(deadline):
+            asked = time.monotonic()
+            slot = self.limiter.acquire(deadline)
+            waited = time.monotonic() - asked
+            if slot is None:
+                self.stats.add(limiter_wait_s=waited)
                 raise MewsRateLimitError(
                     "the client-side rate limiter had no free slot within the retry budget",
                     operation=operation,
                 )
-            self.stats.add(requests=1)
+            self.stats.add(requests=1, limiter_wait_s=waited)
             sent_at = time.monotonic()
             try:
                 response = self.session.post(
@@ -370,14 +435,41 @@ class MewsConnectorHook(BaseHook):
                         )
                     return self._decode(response, operation, ids_only=ids_only)
                 error = self._http_error(response, operation, idempotent)
+            if error.status == 429:
+                wait = self._hold_after_429(error, limited, slot, deadline)
+                if wait is None:
+                    raise error
+                limited += 1
+                self.stats.add(retries=1)
+                self.log.warning(
+                    "%s; every request on this AccessToken waits %.1f s, then resumes paced", error, wait
+                )
+                continue  # the limiter holds this and every other request until the hold ends
             wait = self._wait_before_retry(error, idempotent, failures, deadline)
             if wait is None:
                 raise error
-            if error.status != 429:
-                failures += 1
+            failures += 1
             self.stats.add(retries=1)
             self.log.warning("%s; retrying in %.1f s", error, wait)
             time.sleep(wait)
+
+    def _hold_after_429(self, error: MewsError, limited: int, slot: float, deadline: float) -> float | None:
+        """Tell the limiter about a 429 (it holds everyone and learns); None to raise now.
+
+        ``Retry-After`` is always honoured; without one, the wait doubles per 429 of this call
+        (Mews: "fall back to an exponential backoff strategy"), with jitter.
+        """
+        if isinstance(error.details, float):
+            wait = error.details
+        else:
+            ceiling = min(self.backoff_max_s, self.backoff_base_s * 2**limited)
+            wait = random.uniform(ceiling / 2, ceiling)
+        wait = min(wait, self.max_retry_after_s)
+        self.limiter.on_429(wait, slot)
+        self.stats.add(rate_limited=1, rate_limit_wait_s=wait)
+        if time.monotonic() + wait > deadline:
+            return None
+        return wait
 
     def _wait_before_retry(
         self, error: MewsError, idempotent: bool, failures: int, deadline: float
@@ -387,16 +479,10 @@ class MewsConnectorHook(BaseHook):
             return None
         if error.may_have_been_processed:
             return None
-        if error.status == 429:
-            wait = error.details if isinstance(error.details, float) else self.backoff_base_s
-            wait = min(wait, self.max_retry_after_s)
-            self.limiter.pause(wait)
-            self.stats.add(rate_limited=1, rate_limit_wait_s=wait)
-        else:
-            if failures + 1 >= self.max_attempts:
-                return None
-            ceiling = min(self.backoff_max_s, self.backoff_base_s * 2**failures)
-            wait = random.uniform(ceiling / 2, ceiling)
+        if failures + 1 >= self.max_attempts:
+            return None
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2**failures)
+        wait = random.uniform(ceiling / 2, ceiling)
         if time.monotonic() + wait > deadline:
             return None
         return wait
@@ -526,6 +612,80 @@ class MewsConnectorHook(BaseHook):
             ids.append(mid)
         return ids if ids_only else created
 
+    def update_loyalty_memberships(
+        self, updates: Sequence[Mapping[str, Any]], chain_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Update 1 to 1000 memberships; returns the updated memberships in the order sent.
+
+        Each item is ``{"LoyaltyMembershipId": id, Field: {"Value": v}, ...}``: a field left out
+        keeps its value, ``{"Value": None}`` clears a clearable one (see
+        :mod:`airflow_provider_mews.sync`). An update sets values, so sending it again after a
+        failure that may have been processed changes nothing more: the hook retries it like a
+        read (5xx, timeouts, dropped connections); its HTTP errors carry ``may_have_been_processed=False``.
+        """
+        count = len(updates)
+        if not 1 <= count <= MAX_ADD_ITEMS:
+            raise MewsConfigurationError(
+                f"loyaltyMemberships/update takes 1 to {MAX_ADD_ITEMS} updates per request, got {count}; "
+                "split the list into batches."
+            )
+        sent: list[str] = []
+        for n, item in enumerate(updates):
+            mid = item.get("LoyaltyMembershipId")
+            if not isinstance(mid, str) or not mid:
+                raise MewsConfigurationError(
+                    f"update item {n} has no LoyaltyMembershipId; every update needs one."
+                )
+            sent.append(mid.lower())
+        payload: dict[str, Any] = {"LoyaltyMembershipUpdates": updates}
+        chain = chain_id or self.settings.chain_id
+        if chain:
+            payload["ChainId"] = chain
+        operation = "loyaltyMemberships/update"
+        answer = self.call(operation, payload, idempotent=True)
+        updated = answer.get("LoyaltyMemberships") if isinstance(answer, dict) else None
+        if not isinstance(updated, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("Id"), str) for m in updated
+        ):
+            raise MewsResponseError(
+                "update answer has no LoyaltyMemberships list of memberships with Ids",
+                status=200,
+                operation=operation,
+            )
+        by_id = {m["Id"].lower(): m for m in updated}
+        missing = [mid for mid in sent if mid not in by_id]
+        if missing:  # the order of the answer is not documented: pair by Id
+            raise MewsResponseError(
+                f"update answer lacks {len(missing)} of the {count} memberships sent (first {missing[0]})",
+                status=200,
+                operation=operation,
+            )
+        return [by_id[mid] for mid in sent]
+
+    def delete_loyalty_memberships(self, ids: Sequence[str], chain_id: str | None = None) -> None:
+        """Delete 1 to 1000 memberships (Mews keeps them, readable as ``ActivityStates: ["Deleted"]``).
+
+        Not re-sent after a failure that may have been processed: how Mews answers a delete of
+        an Id it already deleted is not documented (the sandbox refuses the whole request with
+        400), so such a failure raises with ``may_have_been_processed=True`` and the caller
+        re-reads the Ids (:func:`airflow_provider_mews.reconcile.find_deleted`) and sends only
+        those still active.
+        """
+        count = len(ids)
+        if not 1 <= count <= MAX_ADD_ITEMS:
+            raise MewsConfigurationError(
+                f"loyaltyMemberships/delete takes 1 to {MAX_ADD_ITEMS} Ids per request, got {count}; "
+                "split the list into batches."
+            )
+        payload: dict[str, Any] = {"LoyaltyMembershipIds": list(ids)}
+        chain = chain_id or self.settings.chain_id
+        if chain:
+            payload["ChainId"] = chain
+        operation = "loyaltyMemberships/delete"
+        answer = self.call(operation, payload, idempotent=False)
+        if not isinstance(answer, dict):
+            raise MewsResponseError("delete answer is not a JSON object", status=200, operation=operation)
+
     def get_loyalty_memberships(
         self,
         *,
@@ -533,6 +693,8 @@ class MewsConnectorHook(BaseHook):
         loyalty_program_ids: Iterable[str] | None = None,
         loyalty_membership_ids: Iterable[str] | None = None,
         chain_ids: Iterable[str] | None = None,
+        membership_numbers: Iterable[str] | None = None,
+        provider_membership_ids: Iterable[str] | None = None,
         membership_states: Iterable[str] | None = None,
         activity_states: Iterable[str] | None = None,
         created_utc: tuple[datetime | str | None, datetime | str | None] | None = None,
@@ -548,6 +710,8 @@ class MewsConnectorHook(BaseHook):
             ("LoyaltyProgramIds", loyalty_program_ids),
             ("LoyaltyMembershipIds", loyalty_membership_ids),
             ("ChainIds", chain_ids),
+            ("MembershipNumbers", membership_numbers),
+            ("ProviderMembershipIds", provider_membership_ids),
         ):
             if values is not None:
                 items = list(dict.fromkeys(values))
@@ -569,6 +733,9 @@ class MewsConnectorHook(BaseHook):
                 }
         cursor: str | None = None
         operation = "loyaltyMemberships/getAll"
+        # An Id names one membership at most: once as many came back, no page can follow.
+        most = len(payload["LoyaltyMembershipIds"]) if "LoyaltyMembershipIds" in payload else None
+        seen = 0
         while True:
             payload["Limitation"] = {"Count": page_size, "Cursor": cursor}
             answer = self.call(operation, payload)
@@ -576,8 +743,9 @@ class MewsConnectorHook(BaseHook):
             if not isinstance(page, list):
                 raise MewsResponseError("getAll answer has no LoyaltyMemberships list", operation=operation)
             yield from page
+            seen += len(page)
             cursor = answer.get("Cursor")
-            if len(page) < page_size or not cursor:
+            if len(page) < page_size or not cursor or (most is not None and seen >= most):
                 return
 
     def test_connection(self) -> tuple[bool, str]:

@@ -10,26 +10,55 @@ and reconciles any batch whose fate is unknown before it would be sent again. Th
 from __future__ import annotations
 
 import gc
-import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack, closing
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from airflow_provider_mews.batches import BatchResult, BatchSender, RejectionBudget, build_batch
 from airflow_provider_mews.checkpoint import Checkpoint, StateStore
-from airflow_provider_mews.exceptions import MewsConfigurationError, MewsError
+from airflow_provider_mews.exceptions import MewsConfigurationError
 from airflow_provider_mews.hooks.mews import MewsConnectorHook, validate_uuid
 from airflow_provider_mews.lineage import loyalty_memberships_asset, openlineage_facets
 from airflow_provider_mews.memberships import ColumnPlan, plan_columns
 from airflow_provider_mews.outputs import FileOutput, RunKey, TableOutput
-from airflow_provider_mews.progress import RunTally, summary_table
+from airflow_provider_mews.run import NOT_RETRYABLE, MembershipRun, RunSettings
 from airflow_provider_mews.sources import ListSource, SourceError, SqlSource, rows_from_value
-from airflow_provider_mews.version_compat import AirflowException, AirflowFailException, BaseOperator
+from airflow_provider_mews.sync import ON_MISSING, SyncPlan, parse_max_removals, plan_sync_columns
+from airflow_provider_mews.sync_run import SyncRun, SyncSettings
+from airflow_provider_mews.version_compat import AirflowFailException, BaseOperator
 
-IF_EXISTS = ("skip", "add")
-#: Mews errors that another Airflow try cannot fix: fail at once instead of retrying.
-NOT_RETRYABLE = (400, 401, 403, 404)
+IF_EXISTS = ("skip", "add", "update")
+DEFAULT_CONN_ID = MewsConnectorHook.default_conn_name
+
+__all__ = ["IF_EXISTS", "NOT_RETRYABLE", "LoyaltyMembershipAddOperator", "LoyaltyMembershipSyncOperator"]
+
+
+class _AutoOutlets(list):  # type: ignore[type-arg]
+    """The outlet :meth:`LoyaltyMembershipAddOperator.partial` filled in for its ``mews_conn_id``;
+    replaced by the right one when a mapped task's own ``mews_conn_id`` differs."""
+
+    def __init__(self, mews_conn_id: str) -> None:
+        super().__init__([loyalty_memberships_asset(mews_conn_id)])
+        self.mews_conn_id = mews_conn_id
+
+
+def _inherited_default(name: str, kwargs: Mapping[str, Any]) -> tuple[bool, Any]:
+    """``name`` from the default_args a ``partial()`` call inherits (its own, task group's, DAG's)."""
+    own = kwargs.get("default_args") or {}
+    if name in own:
+        return True, own[name]
+    try:
+        from airflow.sdk.definitions._internal.contextmanager import DagContext, TaskGroupContext
+    except ImportError:  # Airflow 2.11
+        from airflow.models.dag import DagContext  # type: ignore[attr-defined,no-redef]
+        from airflow.utils.task_group import TaskGroupContext  # type: ignore[no-redef]
+    dag = kwargs.get("dag") or DagContext.get_current()
+    group = kwargs.get("task_group") or (TaskGroupContext.get_current(dag) if dag else None)
+    for holder in (group, dag):
+        args = getattr(holder, "default_args", None) or {}
+        if name in args:
+            return True, args[name]
+    return False, None
 
 
 class LoyaltyMembershipAddOperator(BaseOperator):
@@ -52,7 +81,8 @@ class LoyaltyMembershipAddOperator(BaseOperator):
     :param batch_size: memberships per request, 1..1000.
     :param max_rejected_rows: rejections tolerated before the task stops and fails.
     :param if_exists: ``"skip"``: never add a membership (account + program) Mews already
-        has, at one getAll per batch; ``"add"``: add without checking.
+        has, at one getAll per batch; ``"add"``: add without checking; ``"update"``: upsert:
+        add new rows, send only the changed fields of rows Mews has (README "Sync modes").
     :param max_active_requests: batches in flight at once (all under the rate limiter).
     :param results_table: table (on ``output_conn_id``) receiving each row's Mews Id.
     :param rejections_table: table (on ``output_conn_id``) receiving each rejected row and why.
@@ -61,6 +91,14 @@ class LoyaltyMembershipAddOperator(BaseOperator):
     :param rejections_file: JSON-lines file receiving each rejected row and why.
     :param progress_interval_s: seconds between progress lines in the log.
     :param rejected_sample_size: rejections quoted in the returned summary.
+    :param retries: Airflow retries of the task (a retry resumes without adding anything twice).
+    :param retry_delay: delay before the first retry.
+    :param retry_exponential_backoff: grow the delay between retries (``True``: double it).
+    :param outlets: defaults to the asset of ``mews_conn_id``'s loyalty memberships
+        (:func:`~airflow_provider_mews.lineage.loyalty_memberships_asset`).
+
+    The Airflow defaults above are in the signature, so ``partial().expand()`` (mapped shards)
+    gets them too; :meth:`partial` fills in the outlet of the partial's ``mews_conn_id``.
     """
 
     template_fields: Sequence[str] = (
@@ -80,7 +118,7 @@ class LoyaltyMembershipAddOperator(BaseOperator):
     def __init__(
         self,
         *,
-        mews_conn_id: str = MewsConnectorHook.default_conn_name,
+        mews_conn_id: str = DEFAULT_CONN_ID,
         memberships: Any = None,
         sql_conn_id: str | None = None,
         table: str | None = None,
@@ -98,13 +136,21 @@ class LoyaltyMembershipAddOperator(BaseOperator):
         rejections_file: str | None = None,
         progress_interval_s: float = 30.0,
         rejected_sample_size: int = 20,
+        retries: int | None = 3,
+        retry_delay: timedelta | float = timedelta(seconds=30),
+        retry_exponential_backoff: bool | float = True,
+        outlets: Any | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("retries", 3)
-        kwargs.setdefault("retry_delay", timedelta(seconds=30))
-        kwargs.setdefault("retry_exponential_backoff", True)
-        kwargs.setdefault("outlets", [loyalty_memberships_asset(mews_conn_id)])
-        super().__init__(**kwargs)
+        if outlets is None or (isinstance(outlets, _AutoOutlets) and outlets.mews_conn_id != mews_conn_id):
+            outlets = [loyalty_memberships_asset(mews_conn_id)]
+        super().__init__(
+            retries=retries,
+            retry_delay=retry_delay,
+            retry_exponential_backoff=retry_exponential_backoff,
+            outlets=outlets,
+            **kwargs,
+        )
         self.mews_conn_id = mews_conn_id
         self.memberships = memberships
         self.sql_conn_id = sql_conn_id
@@ -125,6 +171,22 @@ class LoyaltyMembershipAddOperator(BaseOperator):
         self.rejected_sample_size = rejected_sample_size
         self._check_arguments()
 
+    @classmethod
+    def partial(cls, **kwargs: Any) -> Any:  # type: ignore[override]
+        """``BaseOperator.partial``, with the outlet of the partial's ``mews_conn_id`` filled in.
+
+        Airflow reads the other defaults (retries, retry_delay, retry_exponential_backoff)
+        from ``__init__``'s signature; the outlet depends on the connection, so it is set here,
+        where the DAG is parsed. A ``mews_conn_id`` mapped with ``expand()`` gets its own outlet
+        when the task runs; give ``outlets=`` to ``partial()`` so the scheduler knows them all.
+        """
+        if "outlets" not in kwargs and not _inherited_default("outlets", kwargs)[0]:
+            found, inherited = _inherited_default("mews_conn_id", kwargs)
+            conn_id = kwargs.get("mews_conn_id", inherited if found else DEFAULT_CONN_ID)
+            if isinstance(conn_id, str):
+                kwargs["outlets"] = _AutoOutlets(conn_id)
+        return super().partial(**kwargs)
+
     def _check_arguments(self) -> None:
         """Everything that can be checked when the DAG is parsed, with one clear message each."""
         where = f"LoyaltyMembershipAddOperator(task_id={self.task_id!r})"
@@ -141,7 +203,7 @@ class LoyaltyMembershipAddOperator(BaseOperator):
                 f"{where}: batch_size must be 1..1000 (Mews's limit per request), got {self.batch_size!r}"
             )
         if self.if_exists not in IF_EXISTS:
-            raise ValueError(f"{where}: if_exists must be 'skip' or 'add', got {self.if_exists!r}")
+            raise ValueError(f"{where}: if_exists must be 'skip', 'add' or 'update', got {self.if_exists!r}")
         if not isinstance(self.max_rejected_rows, int) or self.max_rejected_rows < 0:
             raise ValueError(
                 f"{where}: max_rejected_rows must be an integer >= 0, got {self.max_rejected_rows!r}"
@@ -160,30 +222,64 @@ class LoyaltyMembershipAddOperator(BaseOperator):
         # full collection of a long run (1-2 us per row): park them for the run.
         gc.freeze()
         try:
-            return self._execute(context)
+            settings = self._settings()
+            with ExitStack() as opened:
+                hook = self._connect()
+                opened.callback(hook.close)
+                # Outputs first: on SQLite they switch the database to WAL so the source can stay open.
+                outputs = [opened.enter_context(closing(out)) for out in self._open_outputs(context)]
+                source = opened.enter_context(closing(self._open_source()))
+                run: MembershipRun
+                if self.if_exists == "update":
+                    run = SyncRun(
+                        settings,
+                        self._sync_settings(),
+                        hook,
+                        source,
+                        self._sync_plan(source.columns),
+                        outputs,
+                        self._checkpoint(context),
+                        self.log,
+                    )
+                else:
+                    run = MembershipRun(
+                        settings,
+                        hook,
+                        source,
+                        self._plan(source.columns),
+                        outputs,
+                        self._checkpoint(context),
+                        self.log,
+                    )
+                summary = run.execute()
         finally:
             gc.unfreeze()
+        self._push_summary(context, summary)
+        if (failure := run.failure()) is not None:
+            raise failure
+        return summary
 
-    def _execute(self, context: Any) -> dict[str, Any]:
+    def _connect(self) -> MewsConnectorHook:
         hook = MewsConnectorHook(self.mews_conn_id, pool_size=self.max_active_requests + 2)
-        chain_id = self._chain_id()
         try:
             hook.settings  # noqa: B018 - validate the connection before reading anything
         except MewsConfigurationError as exc:
             raise AirflowFailException(str(exc)) from None
-        # Outputs first: on SQLite they switch the database to WAL so the source can stay open.
-        outputs = self._open_outputs(context)
-        try:
-            source = self._open_source()
-            try:
-                summary = self._run(context, hook, source, self._plan(source.columns), outputs, chain_id)
-            finally:
-                source.close()
-        finally:
-            for out in outputs:
-                out.close()
-            hook.close()
-        return summary
+        return hook
+
+    def _settings(self) -> RunSettings:
+        return RunSettings(
+            batch_size=self.batch_size,
+            if_exists=self.if_exists,
+            max_active_requests=self.max_active_requests,
+            max_rejected_rows=self.max_rejected_rows,
+            chain_id=self._chain_id(),
+            keep_rows=bool(self.rejections_table or self.rejections_file),
+            progress_interval_s=self.progress_interval_s,
+            rejected_sample_size=self.rejected_sample_size,
+            results=self.results_table or self.results_file,
+            rejections=self.rejections_table or self.rejections_file,
+        )
 
     def _chain_id(self) -> str | None:
         if not self.chain_id:
@@ -220,6 +316,24 @@ class LoyaltyMembershipAddOperator(BaseOperator):
             )
         return plan
 
+    def _sync_settings(self) -> SyncSettings:
+        """An upsert; :class:`LoyaltyMembershipSyncOperator` makes it a mirror."""
+        return SyncSettings()
+
+    def _sync_plan(self, columns: Sequence[str]) -> SyncPlan:
+        if not columns:
+            return SyncPlan(ColumnPlan((), (), ()), None, None)
+        try:
+            plan = plan_sync_columns(columns, self.field_map)
+        except ValueError as exc:
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
+        if plan.columns.ignored:
+            self.log.warning(
+                "Columns %s match no Mews field and are not sent (map them with field_map if they should be).",
+                ", ".join(plan.columns.ignored),
+            )
+        return plan
+
     def _open_outputs(self, context: Any) -> list[TableOutput | FileOutput]:
         ti = context["ti"]
         map_index = getattr(ti, "map_index", None)
@@ -244,173 +358,122 @@ class LoyaltyMembershipAddOperator(BaseOperator):
     def _checkpoint(self, context: Any) -> Checkpoint:
         store = StateStore(context.get("task_state_store"))
         now = datetime.now(timezone.utc)
-        checkpoint = Checkpoint.start(store, now.isoformat(), self.batch_size)
-        ti = context["ti"]
-        if not store.available and getattr(ti, "try_number", 1) > 1:
+        checkpoint = Checkpoint.start(store, now.isoformat(), self.batch_size, self.max_active_requests)
+        if not store.available and getattr(context["ti"], "try_number", 1) > 1:
             # No checkpoint on this Airflow: any batch may have been sent by an earlier try
             # of this run, so reconcile them all against what Mews stored since the run began.
             run_start = getattr(context.get("dag_run"), "start_date", None) or now
-            checkpoint.since = run_start.isoformat()
-            checkpoint.resumed = True
-            checkpoint.dispatched = 2**62
-        if checkpoint.resumed:
-            self.log.info(
-                "Resuming: %d batches finished by an earlier try; batches that may have been sent "
-                "will be reconciled with Mews (created since %s).",
-                len(checkpoint.done),
-                checkpoint.since,
-            )
+            checkpoint.reconcile_all(run_start.isoformat())
         return checkpoint
 
-    def _run(
-        self,
-        context: Any,
-        hook: MewsConnectorHook,
-        source: ListSource | SqlSource,
-        plan: ColumnPlan,
-        outputs: list[TableOutput | FileOutput],
-        chain_id: str | None,
-    ) -> dict[str, Any]:
-        tally = RunTally(sample_size=self.rejected_sample_size)
-        checkpoint = self._checkpoint(context)
-        since = datetime.fromisoformat(checkpoint.since)
-        budget = RejectionBudget(self.max_rejected_rows)
-        stop = threading.Event()
-        sender = BatchSender(hook, if_exists=self.if_exists, chain_id=chain_id, budget=budget, stop=stop)
-        keep_rows = bool(self.rejections_table or self.rejections_file)
-        errors: list[MewsError] = []
-        inflight: set[Future[BatchResult]] = set()
-
-        def settle(result: BatchResult) -> None:
-            batch = result.batch
-            for out in outputs:
-                out.write(batch.first_row, batch.last_row, result.outcomes, result.rejected)
-            added, skipped = result.added, result.skipped
-            tally.added += added
-            tally.skipped_existing += skipped
-            tally.reject(result.rejected)
-            tally.not_reached += result.unfinished
-            tally.reconciled += result.reconciled
-            if result.complete:
-                checkpoint.mark_done(batch.index, batch.fingerprint, added, skipped, len(result.rejected))
-            if result.error is not None:
-                errors.append(result.error)
-                stop.set()
-
-        def settle_finished(block: bool) -> None:
-            if not inflight:
-                return
-            finished, _ = wait(inflight, timeout=None if block else 0, return_when=FIRST_COMPLETED)
-            for future in finished:
-                inflight.discard(future)
-                settle(future.result())
-
-        self.log.info(
-            "Adding loyalty memberships from %s to Mews (%s), batches of %d, if_exists=%s, %d in flight.",
-            source.description,
-            hook.settings.base_url,
-            self.batch_size,
-            self.if_exists,
-            self.max_active_requests,
-        )
-        chunks = source.chunks()
-        with ThreadPoolExecutor(self.max_active_requests, thread_name_prefix="mews-batch") as pool:
-            try:
-                for index, rows in enumerate(chunks):
-                    first_row = tally.rows_read + 1
-                    tally.rows_read += len(rows)
-                    if stop.is_set():
-                        tally.not_reached += len(rows)
-                        break
-                    batch = build_batch(index, first_row, plan, rows, keep_rows)
-                    earlier = checkpoint.done_counts(index, batch.fingerprint)
-                    if earlier is not None:
-                        tally.added += earlier[0]
-                        tally.skipped_existing += earlier[1]
-                        tally.rejected += earlier[2]
-                        tally.resumed_batches += 1
-                        budget.spend(earlier[2])
-                        continue
-                    budget.spend(len(batch.rejected))
-                    if budget.exceeded:
-                        stop.set()
-                        settle(BatchResult(batch, rejected=list(batch.rejected)))
-                        break
-                    stored_since = since if checkpoint.maybe_sent(index) else None
-                    checkpoint.reserve(index)
-                    inflight.add(pool.submit(sender.run, batch, stored_since))
-                    while len(inflight) >= self.max_active_requests:
-                        settle_finished(block=True)
-                    settle_finished(block=False)
-                    if tally.due(self.progress_interval_s):
-                        self.log.info(
-                            tally.progress_line(
-                                source.total, hook.stats.rate_limited, hook.stats.rate_limit_wait_s
-                            )
-                        )
-                while inflight:
-                    settle_finished(block=True)
-            finally:
-                stop.set()
-                for future in inflight:
-                    future.cancel()
-                checkpoint.flush(force=True)
-        for rows in chunks:  # the rest of the source, never reached because the run stopped
-            tally.rows_read += len(rows)
-            tally.not_reached += len(rows)
-
-        summary = tally.summary(
-            requests=hook.stats.requests,
-            rate_limited=hook.stats.rate_limited,
-            rate_limit_wait_s=round(hook.stats.rate_limit_wait_s, 1),
-            if_exists=self.if_exists,
-            results=self.results_table or self.results_file,
-            rejections=self.rejections_table or self.rejections_file,
-        )
-        self.log.info("%s", summary_table(summary))
-        self._push_summary(context, summary)
-        if not errors and not budget.exceeded:
-            checkpoint.clear()
-        if errors:
-            raise self._failure(errors[0], summary)
-        if budget.exceeded:
-            raise AirflowFailException(
-                f"{tally.rejected} rows rejected, more than max_rejected_rows={self.max_rejected_rows}: "
-                f"{_top_reasons(summary)}. Added {tally.added}, skipped {tally.skipped_existing}, "
-                f"not reached {tally.not_reached} of {tally.rows_read} rows read. "
-                f"Rejected rows: {summary['rejections'] or 'see rejected_sample in the mews_summary XCom'}."
-            )
-        return summary
-
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """Inputs (the source table or query) and outputs (Mews loyalty memberships) for OpenLineage."""
+        """Inputs (the source's tables), output (Mews loyalty memberships, with the rows added)."""
         from airflow_provider_mews.version_compat import BaseHook
 
         sql_conn = BaseHook.get_connection(self.sql_conn_id) if self.sql_conn_id else None
         base_url = MewsConnectorHook(self.mews_conn_id).settings.base_url
-        return openlineage_facets(mews_base_url=base_url, sql_conn=sql_conn, table=self.table, sql=self.sql)
+        return openlineage_facets(
+            mews_base_url=base_url,
+            sql_conn=sql_conn,
+            table=self.table,
+            sql=self.sql,
+            summary=getattr(self, "_lineage_summary", None),
+        )
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        """As on completion: what was added before the failure (the listener adds the error)."""
+        return self.get_openlineage_facets_on_complete(task_instance)
 
     def _push_summary(self, context: Any, summary: dict[str, Any]) -> None:
         """The summary is an XCom even when the task fails, so nothing needs the logs."""
+        self._lineage_summary = summary  # for OpenLineage, which may ask from a forked process
         try:
             context["ti"].xcom_push(key="mews_summary", value=summary)
         except Exception as exc:  # the summary is also in the log
             self.log.warning("Could not push the summary XCom: %s", exc)
 
-    @staticmethod
-    def _failure(error: MewsError, summary: dict[str, Any]) -> AirflowException:
-        counts = (
-            f"Added {summary['added']}, skipped {summary['skipped_existing']}, rejected {summary['rejected']}, "
-            f"not reached {summary['not_reached']} of {summary['rows_read']} rows read."
+
+class LoyaltyMembershipSyncOperator(LoyaltyMembershipAddOperator):
+    """
+    Make Mews's loyalty memberships of the named programs equal to the source (a mirror).
+
+    Every source row is upserted as with ``LoyaltyMembershipAddOperator(if_exists="update")``;
+    then every membership of ``loyalty_program_ids`` that no row matched is canceled or deleted
+    (``on_missing``). The scope is listed and every row matched *before* any write: when the
+    removals would exceed ``max_removals`` the task fails having changed nothing. Same sources,
+    outputs and retries as the add operator; removals are written to the results with no
+    source row (outcome ``canceled`` or ``deleted``).
+
+    :param loyalty_program_ids: the programs the source describes completely (required).
+    :param on_missing: ``"cancel"`` (State becomes Canceled), ``"delete"`` or ``"keep"``.
+    :param max_removals: most removals allowed: a count, or a percentage of the scope's
+        memberships such as ``"5%"``.
+    :param dry_run: send no write request; the outputs and summary hold the plan.
+    :param sync_work_dir: directory of the temporary on-disk index of the scope (default: the
+        system's temporary directory); about 200 bytes of disk per membership of the scope.
+    """
+
+    template_fields: Sequence[str] = (*LoyaltyMembershipAddOperator.template_fields, "loyalty_program_ids")
+    ui_color = "#c9e4d6"
+
+    def __init__(
+        self,
+        *,
+        loyalty_program_ids: Sequence[str],
+        on_missing: str = "cancel",
+        max_removals: int | str = "5%",
+        dry_run: bool = False,
+        sync_work_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if "if_exists" in kwargs:
+            raise ValueError(
+                f"LoyaltyMembershipSyncOperator(task_id={kwargs.get('task_id')!r}): a mirror always upserts; "
+                "drop if_exists"
+            )
+        self.loyalty_program_ids = loyalty_program_ids
+        self.on_missing = on_missing
+        self.max_removals = max_removals
+        self.plan_only = dry_run  # ``dry_run`` is a BaseOperator method
+        self.sync_work_dir = sync_work_dir
+        super().__init__(if_exists="update", **kwargs)
+
+    def _check_arguments(self) -> None:
+        super()._check_arguments()
+        where = f"LoyaltyMembershipSyncOperator(task_id={self.task_id!r})"
+        ids = self.loyalty_program_ids
+        if (isinstance(ids, str) and "{{" not in ids) or not isinstance(ids, (str, list, tuple)) or not ids:
+            raise ValueError(
+                f"{where}: loyalty_program_ids must be a non-empty list of LoyaltyProgramIds (the scope "
+                f"the source describes completely), got {ids!r}"
+            )
+        if isinstance(ids, (list, tuple)):
+            for value in ids:
+                validate_uuid(value, f"{where}: loyalty_program_ids item")
+        if self.on_missing not in ON_MISSING:
+            raise ValueError(
+                f"{where}: on_missing must be one of {', '.join(ON_MISSING)}, got {self.on_missing!r}"
+            )
+        try:
+            parse_max_removals(self.max_removals)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    def _sync_settings(self) -> SyncSettings:
+        ids = self.loyalty_program_ids
+        if isinstance(ids, str):  # a template that rendered to text
+            ids = [
+                i.strip() for i in ids.strip("[]").replace("'", "").replace('"', "").split(",") if i.strip()
+            ]
+        try:
+            scope = frozenset(validate_uuid(i, "loyalty_program_ids item").lower() for i in ids)
+        except ValueError as exc:
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
+        return SyncSettings(
+            mirror=True,
+            loyalty_program_ids=scope,
+            on_missing=self.on_missing,
+            max_removals=self.max_removals,
+            dry_run=self.plan_only,
+            work_dir=self.sync_work_dir,
         )
-        if isinstance(error, MewsConfigurationError) or error.status in NOT_RETRYABLE:
-            return AirflowFailException(f"{error} {counts}")
-        return AirflowException(f"{error} {counts} An Airflow retry resumes without adding anything twice.")
-
-
-def _top_reasons(summary: dict[str, Any]) -> str:
-    reasons = summary.get("rejection_reasons") or {}
-    return (
-        "; ".join(f"{count} x {reason}" for count, reason in ((c, r) for r, c in reasons.items()))
-        or "see log"
-    )

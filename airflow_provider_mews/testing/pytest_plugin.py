@@ -1,7 +1,12 @@
 """Pytest fixtures for DAGs that use the Mews provider: a sandbox and a connection to it.
 
-Installed as a pytest plugin with the package, so users' own DAG tests can ask for
-``mews_sandbox`` and ``mews_conn`` too.
+Opt-in, so that installing the provider changes nobody's pytest runs: load it in your
+top-level ``conftest.py`` with ::
+
+    pytest_plugins = ["airflow_provider_mews.testing.pytest_plugin"]
+
+then your DAG tests can ask for ``mews_sandbox`` (a running sandbox, emptied for each test)
+and ``mews_conn`` (the ``mews_default`` connection pointing at it).
 """
 
 from __future__ import annotations

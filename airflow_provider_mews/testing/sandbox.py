@@ -1,21 +1,31 @@
-"""A local stand-in for the Mews Connector API, faithful to ``loyaltyMemberships/add`` and ``getAll``.
+"""A local stand-in for the Mews Connector API, faithful to ``loyaltyMemberships/add``, ``update``,
+``delete`` and ``getAll``.
 
 It is a real HTTP server on loopback: the demo, the tests and the benchmarks run against
-it, and users run it (``mews-sandbox --port 8080``) to try their DAGs offline. It checks
+it, and users run it (``mews-sandbox``, port 8780) to try their DAGs offline. It checks
 tokens (401), validates every field as the published schema says (400, unknown fields
 refused), enforces the sliding-window rate limit per AccessToken (429 + Retry-After),
 always answers with a ``Request-Id`` header and JSON error bodies, and can inject the
 faults that real networks and APIs produce. It shares no code with the provider it tests.
 
 Admin endpoints (not part of Mews), for tests and demos:
-``GET /_sandbox/memberships``, ``GET /_sandbox/stats``, ``POST /_sandbox/config``,
+``GET /_sandbox/memberships``, ``GET /_sandbox/stats``, ``GET /_sandbox/requests`` (the request
+log: which operation, status and, for writes, what was sent), ``GET /_sandbox/timings`` (when
+each API request arrived and was answered, and with what status), ``POST /_sandbox/config``,
 ``POST /_sandbox/reset``.
+
+Where the contract is silent the sandbox picks the strict reading and says so (INFERRED):
+an update or delete naming an unknown or deleted Id refuses the whole request with 400, so a
+client that blindly repeats a delete that was already processed is caught; an update wrapper
+without ``Value`` (``{}``) keeps the value; deleted memberships stay readable through
+``ActivityStates: ["Deleted"]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import random
 import re
@@ -31,16 +41,63 @@ from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from jsonschema import FormatChecker
+
 #: The public demo pair from Mews's "Environments" guide: the sandbox accepts it by default.
 DEMO_CLIENT_TOKEN = "E0D439EE522F44368DC78E1BFB03710C-D24FB11DBE31D4621C4817E028D9E1D"
 DEMO_ACCESS_TOKEN = "C66EF7B239D24632943D115EDE9CB810-EA00F8FD8294692C940F6B5A8F9453D"
 SANDBOX_CHAIN_ID = "3fa85f64-5717-4562-b3fc-2c963f66afa6"
 SANDBOX_ENTERPRISE_ID = "851df8c8-90f2-4c4a-8e01-a4fc46b25178"
+#: ``mews-sandbox``'s port: clear of Airflow's (8080 API server, 8793/8794 log servers, 8974
+#: health check), Celery Flower's 5555, Redis's 6379, PostgreSQL's 5432 and Locust's 8089.
+DEFAULT_PORT = 8780
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-#: An absolute URI: a scheme, "://" and a non-empty authority (what urlsplit calls scheme and netloc).
-_ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]")
+#: RFC 3986 URI with an authority ("scheme://host..."): only the characters the RFC allows,
+#: "%" only as a percent-encoding, brackets only around an IP literal host.
+_URI = re.compile(
+    r"^[A-Za-z][A-Za-z0-9+.\-]*://"
+    r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})*@?"  # userinfo@ (or the host itself)
+    r"(?:\[[0-9A-Fa-f:.vV]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)"  # host
+    r"(?::[0-9]*)?"  # port
+    r"(?:[/?#](?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*)?"  # path, query
+    r"(?:#(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*)?$"  # fragment
+)
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: RFC 3339 date-time: a "T" (or space is not allowed), seconds, optional fraction, Z or an offset.
+_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _is_date(value: object) -> bool:
+    """JSON Schema ``format: date`` (RFC 3339 full-date): ``YYYY-MM-DD``, a real calendar day."""
+    if not isinstance(value, str) or not _DATE.match(value):
+        return False
+    try:
+        datetime.strptime(value, "%Y-%m-%d")
+    except ValueError:
+        return False
+    return True
+
+
+def _is_date_time(value: object) -> bool:
+    """JSON Schema ``format: date-time`` (RFC 3339): date, time and a zone, all valid."""
+    if not isinstance(value, str) or not _DATE_TIME.match(value):
+        return False
+    try:
+        datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
+#: The format assertions the sandbox applies to requests, as a jsonschema FormatChecker whose
+#: checks are all built in: jsonschema's own ``uri`` and ``date-time`` checks need optional
+#: packages (rfc3986-validator, rfc3339-validator) and pass everything silently without them.
+FORMAT_CHECKER = FormatChecker(formats=())
+FORMAT_CHECKER.checks("uuid")(lambda v: isinstance(v, str) and bool(_UUID.match(v)))
+FORMAT_CHECKER.checks("uri")(lambda v: isinstance(v, str) and bool(_URI.match(v)))
+FORMAT_CHECKER.checks("date")(_is_date)
+FORMAT_CHECKER.checks("date-time")(_is_date_time)
 STATES = ("New", "Pending", "Enrolled", "Canceled", "Declined")
 ADD_FIELDS = {
     "AccountId", "LoyaltyProgramId", "IsPrimary", "State", "Code", "MembershipNumber",
@@ -52,6 +109,19 @@ GETALL_LISTS = {
     "LoyaltyProgramIds": "uuid", "Codes": "str", "MembershipNumbers": "str",
     "ProviderMembershipIds": "str",
 }  # fmt: skip
+#: Update-value wrappers of ``loyaltyMemberships/update``: field -> (value kind, clearable with null).
+UPDATE_VALUES: dict[str, tuple[str, bool]] = {
+    "LoyaltyProgramId": ("uuid", False),
+    "State": ("state", False),
+    "IsPrimary": ("bool", False),
+    "MembershipNumber": ("str255", True),
+    "ProviderMembershipId": ("str100", True),
+    "Points": ("int32", True),
+    "ExpirationDate": ("date", True),
+    "Url": ("uri", True),
+    "LoyaltyTierId": ("uuid", True),
+    "Code": ("str", True),  # deprecated: the same value as MembershipNumber
+}
 GETALL_FIELDS = AUTH_FIELDS | set(GETALL_LISTS) | {
     "CreatedUtc", "UpdatedUtc", "MembershipStates", "ActivityStates", "Limitation",
 }  # fmt: skip
@@ -91,8 +161,8 @@ def _now_iso() -> str:
 def _parse_utc(value: Any, name: str) -> float | None:
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise ApiError(400, f"Invalid {name}.")
+    if not FORMAT_CHECKER.conforms(value, "date-time"):
+        raise ApiError(400, f"Invalid {name}: an RFC 3339 date-time is required.")
     try:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     except ValueError:
@@ -110,11 +180,16 @@ class SandboxConfig:
     getall_latency_s: float = 0.0
     rate_limit_requests: int = 200
     rate_limit_period_s: float = 30.0
+    #: The window counts a request only a random 0..N ms after it arrived (a server reading the
+    #: request under load); the delay is part of the request's latency, not added to it.
+    count_delay_ms: float = 0.0
     fault_rates: dict[str, float] = field(default_factory=dict)  # fault -> probability per request
     fault_script: list[str] = field(default_factory=list)  # consumed one per API request, first
     fault_operations: set[str] = field(default_factory=lambda: {"loyaltyMemberships/add"})
     forbidden_accounts: set[str] = field(default_factory=set)  # 403 business rule
     unknown_program_ids: set[str] = field(default_factory=set)  # 400 Invalid LoyaltyProgramId
+    forbidden_memberships: set[str] = field(default_factory=set)  # 403 on update/delete of these Ids
+    request_log_size: int = 100_000  # entries kept by the request log (oldest dropped)
     seed: int | None = None
 
 
@@ -125,11 +200,18 @@ class SandboxState:
         self.lock = threading.Lock()
         self.memberships: dict[str, dict[str, Any]] = {}
         self.created_at: dict[str, float] = {}
+        self.updated_at: dict[str, float] = {}
+        #: One entry per API request (see ``MewsSandbox.log_request``); bounded by ``request_log_size``.
+        self.log: deque[dict[str, Any]] = deque()
         self.order: list[str] = []
         self.position: dict[str, int] = {}
         self.by_account: dict[str, list[str]] = {}
         self.stats: Counter[str] = Counter()
         self.windows: dict[str, deque[float]] = {}
+        #: One record per answered API request: operation, arrived/answered (epoch s), status.
+        self.requests: list[dict[str, Any]] = []
+        #: When each accepted API request was counted (monotonic), per AccessToken.
+        self.counted: dict[str, list[float]] = {}
         self.state_file = state_file
         if state_file:
             self._load(state_file)
@@ -140,7 +222,11 @@ class SandboxState:
                 for line in fh:
                     if line.strip():
                         record = json.loads(line)
-                        self._index(record["m"], record["t"])
+                        if "u" in record:  # an update or delete of a stored membership
+                            self.memberships[record["u"]["Id"]] = record["u"]
+                            self.updated_at[record["u"]["Id"]] = record["t"]
+                        else:
+                            self._index(record["m"], record["t"])
         except FileNotFoundError:
             pass
 
@@ -148,6 +234,7 @@ class SandboxState:
         mid = membership["Id"]
         self.memberships[mid] = membership
         self.created_at[mid] = created
+        self.updated_at[mid] = created
         self.position[mid] = len(self.order)
         self.order.append(mid)
         self.by_account.setdefault(membership["AccountId"].lower(), []).append(mid)
@@ -161,15 +248,30 @@ class SandboxState:
                 with open(self.state_file, "a", encoding="utf-8") as fh:
                     fh.writelines(json.dumps({"m": m, "t": now}) + "\n" for m in memberships)
 
+    def replace(self, memberships: list[dict[str, Any]]) -> None:
+        """Store new versions of existing memberships (an update or a delete), persisted too."""
+        now = time.time()
+        with self.lock:
+            for m in memberships:
+                self.memberships[m["Id"]] = m
+                self.updated_at[m["Id"]] = now
+            if self.state_file:
+                with open(self.state_file, "a", encoding="utf-8") as fh:
+                    fh.writelines(json.dumps({"u": m, "t": now}) + "\n" for m in memberships)
+
     def reset(self) -> None:
         with self.lock:
             self.memberships.clear()
             self.created_at.clear()
+            self.updated_at.clear()
+            self.log.clear()
             self.order.clear()
             self.position.clear()
             self.by_account.clear()
             self.stats.clear()
             self.windows.clear()
+            self.requests.clear()
+            self.counted.clear()
             if self.state_file:
                 open(self.state_file, "w").close()
 
@@ -257,6 +359,48 @@ class MewsSandbox:
     def add_tokens(self, client_token: str, access_token: str) -> None:
         self.config.tokens.setdefault(client_token, set()).add(access_token)
 
+    def request_log(self, operation: str | None = None) -> list[dict[str, Any]]:
+        """The logged API requests, oldest first (``operation`` e.g. "loyaltyMemberships/update").
+
+        Each entry: ``operation``, ``status`` (0 when the connection was dropped), ``request_id``,
+        ``fault`` and what was sent without the tokens: ``items`` (count) for add,
+        ``LoyaltyMembershipUpdates`` (the items as sent) for update, ``LoyaltyMembershipIds``
+        for delete, ``filters`` (list filters as item counts, states as sent) for getAll.
+        """
+        with self.state.lock:
+            return [e for e in self.state.log if operation is None or e["operation"] == operation]
+
+    def log_request(
+        self, operation: str, status: int, request_id: str, body: Any, fault: str | None = None
+    ) -> None:
+        entry: dict[str, Any] = {
+            "operation": operation,
+            "status": status,
+            "request_id": request_id,
+            "fault": fault,
+        }
+        if isinstance(body, dict):
+            if operation == "loyaltyMemberships/add":
+                items = body.get("LoyaltyMemberships")
+                entry["items"] = len(items) if isinstance(items, list) else None
+            elif operation == "loyaltyMemberships/update":
+                entry["ChainId"] = body.get("ChainId")
+                entry["LoyaltyMembershipUpdates"] = body.get("LoyaltyMembershipUpdates")
+            elif operation == "loyaltyMemberships/delete":
+                entry["ChainId"] = body.get("ChainId")
+                entry["LoyaltyMembershipIds"] = body.get("LoyaltyMembershipIds")
+            elif operation == "loyaltyMemberships/getAll":
+                entry["filters"] = {
+                    k: len(v) if k in GETALL_LISTS and isinstance(v, list) else v
+                    for k, v in body.items()
+                    if k not in AUTH_FIELDS and k != "Limitation"
+                }
+        with self.state.lock:
+            log = self.state.log
+            log.append(entry)
+            while len(log) > max(0, self.config.request_log_size):
+                log.popleft()
+
     # -- the API --
 
     def next_fault(self, operation: str) -> str | None:
@@ -299,6 +443,20 @@ class MewsSandbox:
                     429, "Too many requests for this AccessToken.", headers={"Retry-After": str(retry)}
                 )
             window.append(now)
+            self.state.counted.setdefault(access_token, []).append(now)
+
+    def counted_times(self, access_token: str) -> list[float]:
+        """When each request of ``access_token`` the rate limit let through was counted (monotonic s)."""
+        with self.state.lock:
+            return list(self.state.counted.get(access_token, ()))
+
+    def count_delay(self) -> float:
+        """Seconds to wait before counting this request (``count_delay_ms``), drawn at random."""
+        top = self.config.count_delay_ms
+        if top <= 0:
+            return 0.0
+        with self.state.lock:
+            return self._rng.uniform(0.0, top) / 1000.0
 
     def add(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         unknown = set(body) - AUTH_FIELDS - {"ChainId", "LoyaltyMemberships"}
@@ -353,10 +511,13 @@ class MewsSandbox:
             raise ApiError(400, f"Invalid {where}.Points: a 32-bit integer is required.")
         expiration = item.get("ExpirationDate")
         if expiration is not None:
-            expiration = self._date(expiration, f"{where}.ExpirationDate")
+            # format: date in the published schema; answers carry it as a date-time (UTC midnight).
+            if not FORMAT_CHECKER.conforms(expiration, "date"):
+                raise ApiError(400, f"Invalid {where}.ExpirationDate: a date (YYYY-MM-DD) is required.")
+            expiration += "T00:00:00Z"
         url = item.get("Url")
-        if url is not None and not (isinstance(url, str) and _ABSOLUTE_URI.match(url)):
-            raise ApiError(400, f"Invalid {where}.Url: an absolute URI is required.")
+        if url is not None and not FORMAT_CHECKER.conforms(url, "uri"):
+            raise ApiError(400, f"Invalid {where}.Url: an absolute URI (RFC 3986) is required.")
         tier = item.get("LoyaltyTierId")
         if tier is not None and not (isinstance(tier, str) and _UUID.match(tier)):
             raise ApiError(400, f"Invalid {where}.LoyaltyTierId: a UUID is required.")
@@ -395,6 +556,149 @@ class MewsSandbox:
                 return parsed.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         raise ApiError(400, f"Invalid {where}: an ISO 8601 date in UTC is required.")
 
+    # -- update and delete: validate everything first (all or nothing), then apply --
+
+    def update(self, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """Validate an update request; returns (membership Id, {field: new value}) per item."""
+        unknown = set(body) - AUTH_FIELDS - {"ChainId", "LoyaltyMembershipUpdates"}
+        if unknown:
+            raise ApiError(400, f"Invalid request: unknown field(s) {', '.join(sorted(unknown))}.")
+        self._chain(body)
+        items = body.get("LoyaltyMembershipUpdates")
+        if not isinstance(items, list) or not 1 <= len(items) <= 1000:
+            raise ApiError(400, "Invalid LoyaltyMembershipUpdates: 1 to 1000 items are required.")
+        changes = [self._update_item(i, item) for i, item in enumerate(items)]
+        where = [f"LoyaltyMembershipUpdates[{i}].LoyaltyMembershipId" for i in range(len(changes))]
+        self._existing([mid for mid, _ in changes], where)
+        return changes
+
+    def _update_item(self, i: int, item: Any) -> tuple[str, dict[str, Any]]:
+        where = f"LoyaltyMembershipUpdates[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"Invalid {where}: an object is required.")
+        unknown = item.keys() - UPDATE_VALUES.keys() - {"LoyaltyMembershipId"}
+        if unknown:
+            raise ApiError(400, f"Invalid {where}: unknown field(s) {', '.join(sorted(unknown))}.")
+        mid = item.get("LoyaltyMembershipId")
+        if not isinstance(mid, str) or not _UUID.match(mid):
+            raise ApiError(400, f"Invalid {where}.LoyaltyMembershipId: a UUID is required.")
+        values: dict[str, Any] = {}
+        for name, (kind, clearable) in UPDATE_VALUES.items():
+            wrapper = item.get(name)
+            if wrapper is None:  # left out or null: keep the current value
+                continue
+            if not isinstance(wrapper, dict) or set(wrapper) - {"Value"}:
+                raise ApiError(400, f'Invalid {where}.{name}: an update value {{"Value": ...}} is required.')
+            if "Value" not in wrapper:
+                if kind == "state":  # Mews documents Value as required for the state
+                    raise ApiError(400, f"Invalid {where}.{name}.Value: a state is required.")
+                continue  # INFERRED: an empty wrapper changes nothing
+            value = wrapper["Value"]
+            if value is None:
+                if not clearable:
+                    raise ApiError(400, f"Invalid {where}.{name}.Value: {name} cannot be removed.")
+                values[name] = None
+                continue
+            values[name] = self._update_value(kind, value, f"{where}.{name}.Value")
+        if (
+            "LoyaltyProgramId" in values
+            and values["LoyaltyProgramId"].lower() in self.config.unknown_program_ids
+        ):
+            raise ApiError(400, f"Invalid LoyaltyProgramId {values['LoyaltyProgramId']}.")
+        return mid.lower(), values
+
+    def _update_value(self, kind: str, value: Any, where: str) -> Any:
+        if kind == "uuid" and isinstance(value, str) and _UUID.match(value):
+            return value
+        if kind == "state" and value in STATES:
+            return value
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind.startswith("str") and isinstance(value, str):
+            limit = int(kind[3:] or 0)
+            if not limit or len(value) <= limit:
+                return value
+            raise ApiError(400, f"Invalid {where}: at most {limit} characters are allowed.")
+        if (
+            kind == "int32"
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+            and INT32[0] <= value <= INT32[1]
+        ):
+            return value
+        if kind == "date":
+            return self._date(value, where)
+        if kind == "uri" and FORMAT_CHECKER.conforms(value, "uri"):
+            return value
+        wanted = {
+            "uuid": "a UUID", "state": f"one of {', '.join(STATES)}", "bool": "a boolean",
+            "int32": "a 32-bit integer", "uri": "an absolute URI",
+        }.get(kind, "a string")  # fmt: skip
+        raise ApiError(400, f"Invalid {where}: {wanted} is required.")
+
+    def apply_update(self, changes: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Store validated changes; returns the updated memberships in request order."""
+        st = self.state
+        with st.lock:
+            current = {mid: st.memberships[mid] for mid, _ in changes}
+        for mid, values in changes:
+            new = dict(current[mid])  # a new dict: answers already given stay as they were
+            new.update(values)
+            # Code is the deprecated name of MembershipNumber: both always carry the same value.
+            number = values.get("MembershipNumber", values.get("Code", new.get("MembershipNumber")))
+            new["Code"] = new["MembershipNumber"] = number
+            current[mid] = new
+        st.replace(list(current.values()))
+        return [current[mid] for mid, _ in changes]
+
+    def delete(self, body: dict[str, Any]) -> list[str]:
+        """Validate a delete request; returns the Ids to delete."""
+        unknown = set(body) - AUTH_FIELDS - {"ChainId", "LoyaltyMembershipIds"}
+        if unknown:
+            raise ApiError(400, f"Invalid request: unknown field(s) {', '.join(sorted(unknown))}.")
+        self._chain(body)
+        ids = body.get("LoyaltyMembershipIds")
+        if not isinstance(ids, list) or not 1 <= len(ids) <= 1000:
+            raise ApiError(400, "Invalid LoyaltyMembershipIds: 1 to 1000 items are required.")
+        for i, mid in enumerate(ids):
+            if not isinstance(mid, str) or not _UUID.match(mid):
+                raise ApiError(400, f"Invalid LoyaltyMembershipIds[{i}]: a UUID is required.")
+        lowered = [mid.lower() for mid in ids]
+        self._existing(lowered, [f"LoyaltyMembershipIds[{i}]" for i in range(len(ids))])
+        return list(dict.fromkeys(lowered))
+
+    def apply_delete(self, ids: list[str]) -> None:
+        """Soft-delete: the memberships stay readable with ``ActivityStates: ["Deleted"]``."""
+        now = _now_iso()
+        with self.state.lock:
+            deleted = [
+                {**self.state.memberships[mid], "ActivityState": "Deleted", "DeletedUtc": now} for mid in ids
+            ]
+        self.state.replace(deleted)
+
+    def _existing(self, ids: list[str], where: list[str]) -> None:
+        """400 unless every Id is an active membership; 403 for ``forbidden_memberships``."""
+        with self.state.lock:
+            for mid, name in zip(ids, where, strict=True):
+                m = self.state.memberships.get(mid)
+                if m is None or m["ActivityState"] != "Active":
+                    raise ApiError(400, f"Invalid {name}: {mid} is not an active loyalty membership.")
+        forbidden = self.config.forbidden_memberships
+        if forbidden:
+            bad = [i for i, mid in enumerate(ids) if mid in forbidden]
+            if bad:
+                raise ApiError(
+                    403,
+                    f"The loyalty membership {ids[bad[0]]} cannot be changed.",
+                    details={"LoyaltyMembershipIndexes": bad},
+                )
+
+    @staticmethod
+    def _chain(body: dict[str, Any]) -> None:
+        chain_id = body.get("ChainId")
+        if chain_id is not None and not (isinstance(chain_id, str) and _UUID.match(chain_id)):
+            raise ApiError(400, "Invalid ChainId.")
+
     def get_all(self, body: dict[str, Any]) -> dict[str, Any]:
         unknown = set(body) - GETALL_FIELDS
         if unknown:
@@ -427,7 +731,7 @@ class MewsSandbox:
             not isinstance(activity, list) or any(s not in ("Active", "Deleted") for s in activity)
         ):
             raise ApiError(400, "Invalid ActivityStates.")
-        start = end = None
+        bounds: dict[str, tuple[float | None, float | None]] = {}
         for key in ("CreatedUtc", "UpdatedUtc"):
             interval = body.get(key)
             if interval is None:
@@ -438,19 +742,24 @@ class MewsSandbox:
             high = _parse_utc(interval.get("EndUtc"), f"{key}.EndUtc")
             if low is not None and high is not None and high - low > 93 * 86400:
                 raise ApiError(400, f"Invalid {key}: the interval can be at most 3 months.")
-            # Sandbox memberships are never updated: their UpdatedUtc is their CreatedUtc.
-            start = low if start is None else max(start, low or start)
-            end = high if end is None else min(end, high or end)
+            bounds[key] = (low, high)
         st = self.state
+        times = {"CreatedUtc": st.created_at, "UpdatedUtc": st.updated_at}
         with st.lock:
             accounts = filters.get("AccountIds")
+            wanted_ids = filters.get("LoyaltyMembershipIds")
             if accounts is not None:
                 ids: Iterable[str] = sorted(
                     (i for a in accounts for i in st.by_account.get(a, ())), key=st.position.__getitem__
                 )
+            elif wanted_ids is not None:
+                ids = sorted((i for i in wanted_ids if i in st.position), key=st.position.__getitem__)
             else:
                 ids = st.order
             started = cursor is None
+            if not started and ids is st.order and cursor in st.position:
+                ids = itertools.islice(st.order, st.position[cursor] + 1, None)  # no walk from the start
+                started = True
             page: list[dict[str, Any]] = []
             for mid in ids:
                 if not started:
@@ -459,8 +768,11 @@ class MewsSandbox:
                 m = st.memberships[mid]
                 if not self._matches(m, filters, states, activity):
                     continue
-                t = st.created_at[mid]
-                if (start is not None and t < start) or (end is not None and t > end):
+                if any(
+                    (low is not None and times[key][mid] < low)
+                    or (high is not None and times[key][mid] > high)
+                    for key, (low, high) in bounds.items()
+                ):
                     continue
                 page.append(m)
                 if len(page) == count:
@@ -477,7 +789,11 @@ class MewsSandbox:
             wanted = filters.get(name)
             if wanted is not None and m[key].lower() not in wanted:
                 return False
-        for name, key in (("Codes", "Code"), ("MembershipNumbers", "MembershipNumber")):
+        for name, key in (
+            ("Codes", "Code"),
+            ("MembershipNumbers", "MembershipNumber"),
+            ("ProviderMembershipIds", "ProviderMembershipId"),
+        ):
             wanted = filters.get(name)
             if wanted is not None and m[key] not in wanted:
                 return False
@@ -507,6 +823,8 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
+    _arrived: float | None = None  # when the API request being answered arrived
+    _operation = ""
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.sandbox.quiet:
@@ -525,8 +843,34 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
+        arrived = self._arrived
+        if arrived is not None:
+            self._arrived = None
+            record = {
+                "operation": self._operation,
+                "arrived": arrived,
+                "answered": time.time(),
+                "status": status,
+            }
+            with self.server.sandbox.state.lock:
+                self.server.sandbox.state.requests.append(record)
+
+    _logging: tuple[str, str] | None = None
+    _body: Any = None
+    _fault: str | None = None
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._log(code)
+        super().send_response(code, message)
+
+    def _log(self, status: int) -> None:
+        if self._logging is not None:
+            operation, request_id = self._logging
+            self._logging = None
+            self.server.sandbox.log_request(operation, status, request_id, self._body, self._fault)
 
     def _drop(self) -> None:
+        self._log(0)  # no answer at all
         self.close_connection = True
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -539,11 +883,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, sb.memberships())
         elif self.path == "/_sandbox/stats":
             self._send(200, sb.stats())
+        elif self.path == "/_sandbox/requests":
+            self._send(200, sb.request_log())
+        elif self.path == "/_sandbox/timings":
+            with sb.state.lock:
+                requests = list(sb.state.requests)
+            self._send(200, requests)
         else:
             self._send(404, {"Message": "Not found.", "RequestId": None, "Details": None})
 
     def do_POST(self) -> None:
         sb = self.server.sandbox
+        arrived = time.time()
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         if self.path.startswith("/_sandbox/"):
@@ -553,9 +904,12 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"Request-Id": request_id}
         prefix = "/api/connector/v1/"
         operation = self.path[len(prefix) :] if self.path.startswith(prefix) else ""
+        self._arrived, self._operation = arrived, operation
         handlers = {
             "loyaltyMemberships/add": "add",
             "loyaltyMemberships/getAll": "getAll",
+            "loyaltyMemberships/update": "update",
+            "loyaltyMemberships/delete": "delete",
             "configuration/get": "configuration",
         }
         kind = handlers.get(operation)
@@ -564,16 +918,22 @@ class _Handler(BaseHTTPRequestHandler):
         if kind is None:
             self._send(404, {"Message": "Not found.", "RequestId": request_id, "Details": None}, headers)
             return
+        # The request log entry is written with the first status line sent (or the drop).
+        self._logging = (operation, request_id)
+        self._body = self._fault = None
         try:
             try:
-                body = json.loads(raw)
+                body = self._body = json.loads(raw)
             except ValueError:
                 raise ApiError(400, "Invalid request: the body is not valid JSON.") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "Invalid request: a JSON object is required.")
             access_token = sb.authenticate(body)
+            counted_after = sb.count_delay()
+            if counted_after:
+                time.sleep(counted_after)
             sb.check_rate(access_token)
-            fault = sb.next_fault(operation)
+            fault = self._fault = sb.next_fault(operation)
             if fault:
                 with sb.state.lock:
                     sb.state.stats[f"fault:{fault.split(':')[0]}"] += 1
@@ -581,6 +941,7 @@ class _Handler(BaseHTTPRequestHandler):
                     return
             if kind == "add":
                 delay = sb.config.add_latency_s * len(body.get("LoyaltyMemberships") or ()) / 1000
+                delay -= counted_after
                 if delay > 0:
                     time.sleep(delay)
                 created, answer = sb.add(body)
@@ -590,9 +951,26 @@ class _Handler(BaseHTTPRequestHandler):
                 sb.state.store(created)
                 with sb.state.lock:
                     sb.state.stats["added"] += len(created)
+            elif kind == "update":
+                changes = sb.update(body)
+                if fault == "drop_before_store":
+                    self._drop()
+                    return
+                answer = {"LoyaltyMemberships": sb.apply_update(changes)}
+                with sb.state.lock:
+                    sb.state.stats["updated"] += len(changes)
+            elif kind == "delete":
+                ids = sb.delete(body)
+                if fault == "drop_before_store":
+                    self._drop()
+                    return
+                sb.apply_delete(ids)
+                answer = {}
+                with sb.state.lock:
+                    sb.state.stats["deleted"] += len(ids)
             elif kind == "getAll":
-                if sb.config.getall_latency_s > 0:
-                    time.sleep(sb.config.getall_latency_s)
+                if sb.config.getall_latency_s > counted_after:
+                    time.sleep(sb.config.getall_latency_s - counted_after)
                 answer = sb.get_all(body)
             else:
                 answer = sb.configuration()
@@ -711,11 +1089,18 @@ def main(argv: list[str] | None = None) -> None:
         prog="mews-sandbox", description="Local stand-in for the Mews Connector API (loyalty memberships)."
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per add of 1000 items")
     parser.add_argument("--getall-latency", type=float, default=0.0, help="seconds per getAll request")
     parser.add_argument(
         "--rate-limit", type=_rate, default=(200, 30.0), help="REQUESTS/SECONDS, default 200/30"
+    )
+    parser.add_argument(
+        "--count-delay-ms",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="count each request in the rate-limit window a random 0..N ms after it arrived (within its latency)",
     )
     parser.add_argument(
         "--fault",
@@ -741,6 +1126,7 @@ def main(argv: list[str] | None = None) -> None:
         getall_latency_s=args.getall_latency,
         rate_limit_requests=args.rate_limit[0],
         rate_limit_period_s=args.rate_limit[1],
+        count_delay_ms=args.count_delay_ms,
         fault_rates={k: float(v) for k, _, v in (f.partition("=") for f in args.fault)},
         forbidden_accounts={a.lower() for a in args.forbid_account},
         seed=args.seed,

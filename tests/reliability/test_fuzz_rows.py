@@ -67,7 +67,7 @@ VALIDATOR = Draft202012Validator(
     {"$defs": DOCUMENT["$defs"], "$ref": "#/$defs/LoyaltyMembershipAddParameters"},
     format_checker=_format_checker(),
 )
-EXPIRATION_RE = re.compile(r"\d{4}-\d{2}-\d{2}T00:00:00Z")
+EXPIRATION_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 FUZZ = settings(
     max_examples=250,

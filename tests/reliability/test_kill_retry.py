@@ -115,6 +115,26 @@ def saved_checkpoint(dag_id: str) -> dict[str, Any] | None:
     return json.loads(rows[0][0]) if rows else None
 
 
+def checkpoint_row(dag_id: str) -> tuple[int, str | None] | None:
+    """(size of the stored value, expires_at) of the operator's checkpoint row."""
+    with metadata_db() as conn:
+        rows = conn.execute(
+            "SELECT length(value), expires_at FROM task_state_store WHERE dag_id = ? AND task_id = ? AND key = ?",
+            (dag_id, TASK_ID, CHECKPOINT_KEY),
+        ).fetchall()
+    return rows[0] if rows else None
+
+
+def finished_batches(saved: dict[str, Any]) -> int:
+    """Batches the record says are finished: all below the watermark, and the few beyond it."""
+    return int(saved["upto"]) + len(saved["beyond"])
+
+
+def finished_added(saved: dict[str, Any]) -> int:
+    """Rows the record says were added by finished batches."""
+    return int(saved["counts"][0]) + sum(int(entry[2]) for entry in saved["beyond"])
+
+
 def the_run(dag_id: str) -> tuple[str, str, str, int]:
     with metadata_db() as conn:
         (run_id, run_state), *others = conn.execute(
@@ -218,7 +238,7 @@ def test_sigkill_mid_batch_then_the_same_task_instance_retried(
 
     def checkpoint_has_finished_batches() -> bool:
         saved = saved_checkpoint(dag_id)
-        return bool(saved and len(saved["done"]) >= 2)
+        return bool(saved and finished_batches(saved) >= 2)
 
     log = tmp_path / "try1.log"
     kill_worker_mid_batch(dag_id, log, checkpoint_has_finished_batches)
@@ -227,8 +247,7 @@ def test_sigkill_mid_batch_then_the_same_task_instance_retried(
     stored = settled(slow_sandbox)
     checkpoint = saved_checkpoint(dag_id)
     assert checkpoint is not None
-    done_added = sum(entry[1] for entry in checkpoint["done"].values())
-    in_doubt = stored - done_added
+    in_doubt = stored - finished_added(checkpoint)
     assert in_doubt > 0, "no batch was in flight when the worker died"
 
     dr = retry_after_worker_death(dag_id, run_id)
@@ -238,7 +257,7 @@ def test_sigkill_mid_batch_then_the_same_task_instance_retried(
     summary = task_result(dr, TASK_ID, key="mews_summary")
     ids = assert_stored_exactly_once(slow_sandbox.memberships(), source)
     assert_counts(summary, source)
-    assert summary["resumed_batches"] == len(checkpoint["done"]) > 0, summary
+    assert summary["resumed_batches"] == finished_batches(checkpoint) > 0, summary
     assert summary["reconciled"] == in_doubt, summary
     assert_outputs(db, dag_id, run_id, source, ids)
 
@@ -287,3 +306,85 @@ def assert_outputs_skip_aware(db: Path, dr: Any, source: Source, ids: dict[str, 
     assert sorted(r[0] for r in rows) == list(source.valid_rows)
     assert all(ids[r[1]] == r[2] for r in rows)
     assert {r[3] for r in rows} == {"added", "skipped_existing"}
+
+
+# -- a long run: the bounded checkpoint at batch 1 500 of 2 000 --
+
+LONG_BATCH, LONG_BATCHES = 5, 2000
+
+
+@pytest.fixture
+def quick_sandbox(mews_sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Adds of 5 rows taking 30 ms, no rate limit on either side: 2 000 batches in seconds."""
+    mews_sandbox.add_tokens(DEMO_CLIENT_TOKEN, ACCESS_TOKEN)
+    mews_sandbox.configure(add_latency_s=6.0, rate_limit_requests=1_000_000)
+    store = mews_sandbox.state.store
+
+    def counted_store(memberships: list[dict[str, Any]]) -> None:
+        store(memberships)
+        with mews_sandbox.state.lock:
+            mews_sandbox.state.stats["stores"] += 1
+
+    monkeypatch.setattr(mews_sandbox.state, "store", counted_store)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MEWS_DEFAULT", mews_conn_json(mews_sandbox.url, rate_limit_requests=1_000_000)
+    )
+    return mews_sandbox
+
+
+def test_sigkill_at_batch_1500_of_2000_then_retried_adds_nothing_twice(
+    run_dag, quick_sandbox, tmp_path, monkeypatch
+):
+    """A 2 000-batch run (batches of 5, ``if_exists="add"``) killed once its checkpoint is past
+    batch 1 500: the record stayed small with the store's default retention, and the retry
+    skips what it says is finished, reconciles the rest of what was sent, and adds nothing twice."""
+    db = tmp_path / "long.db"
+    source = make_source(db, "members_long", LONG_BATCH * LONG_BATCHES, 20)
+    monkeypatch.setenv(f"AIRFLOW_CONN_{SRC_CONN.upper()}", sqlite_conn_json(db))
+    dag_id = "rel_kill_long_run"
+    (DAGS_DIR / f"{dag_id}.py").write_text(
+        dag_source(
+            dag_id,
+            source.table,
+            if_exists="add",
+            batch_size=LONG_BATCH,
+            max_active_requests=4,
+            retries=2,
+            outputs=False,  # 2 000 outcome-table commits would only slow the test down
+        )
+    )
+    sizes: list[int] = []
+
+    def past_batch_1500() -> bool:
+        row = checkpoint_row(dag_id)
+        if row is None:
+            return False
+        sizes.append(row[0])
+        saved = saved_checkpoint(dag_id)
+        return bool(saved and saved["upto"] >= 1500)
+
+    started = time.monotonic()
+    kill_worker_mid_batch(dag_id, tmp_path / "try1.log", past_batch_1500)
+    print(f"try 1 killed after {time.monotonic() - started:.0f} s")
+    run_id, *_ = the_run(dag_id)
+    stored = settled(quick_sandbox)
+    checkpoint = saved_checkpoint(dag_id)
+    assert checkpoint is not None and 1500 <= checkpoint["upto"] < LONG_BATCHES
+    size, expires_at = checkpoint_row(dag_id) or (0, None)
+    assert max([*sizes, size]) < 4096, max(sizes)  # every version of the record seen while it ran
+    assert expires_at is not None  # the store's default retention, not NEVER_EXPIRE
+    in_doubt = stored - finished_added(checkpoint)
+    assert in_doubt > 0, "nothing was in flight or unrecorded when the worker died"
+
+    started = time.monotonic()
+    dr = retry_after_worker_death(dag_id, run_id)
+    print(f"try 2 took {time.monotonic() - started:.0f} s")
+    assert dr.state == "success"
+    ti = dr.get_task_instance(TASK_ID)
+    assert (ti.state, ti.try_number) == ("success", 2)
+    summary = task_result(dr, TASK_ID, key="mews_summary")
+    assert_stored_exactly_once(quick_sandbox.memberships(), source)
+    assert_counts(summary, source)
+    assert summary["resumed_batches"] == finished_batches(checkpoint), summary
+    assert summary["reconciled"] == in_doubt, summary
+    assert saved_checkpoint(dag_id) is None  # cleared on success

@@ -7,12 +7,14 @@ then drives Debian's Chromium with Playwright: Admin > Connections > Add Connect
 ``ui-field-behaviour``), fills it for the local sandbox, saves, presses Test and reads the
 toast; then the same with a wrong access token, which must show the sandbox's 401.
 
-Screenshots: ``docs/img/{connection-form,test-success,test-failure}.png`` (shown by the
-README) and the same files plus the API server log in ``.artifacts/ui/``.
+Screenshots and the API server log go to ``.artifacts/ui/``; the README's copies in
+``docs/img/`` are rewritten only by ``make screenshots`` (``MEWS_UPDATE_SCREENSHOTS=1``), so a
+test run leaves the work tree clean.
 
-Needs Debian's ``chromium`` (``.ci/system-deps.sh``) and the ``playwright`` Python package;
-the test fails (never skips) when either is missing. Playwright never downloads a browser
-here: it is pointed at ``/usr/bin/chromium``.
+Needs Debian's ``chromium`` (``.ci/system-deps.sh``) and the ``playwright`` Python package.
+Without them the test is skipped and listed with how to enable it; in CI
+(``MEWS_REQUIRE_ALL_TESTS=1`` or ``CI``) it fails instead. Playwright never downloads a
+browser here: it is pointed at Debian's ``chromium`` (or ``MEWS_UI_CHROMIUM``).
 
 Airflow <= 3.3.2 bug worked around, in the server only: the UI's Test button posts
 ``port: Number(connection.port)``, i.e. ``0`` for a connection without port, and the API
@@ -39,12 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import needs
 
 from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN, MewsSandbox
 
 try:
     from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
-except ImportError as exc:  # reported as a test failure below, never a skip
+except ImportError as exc:  # reported by the browser fixture: skipped, or failed in CI
     PLAYWRIGHT_IMPORT_ERROR: ImportError | None = exc
 else:
     PLAYWRIGHT_IMPORT_ERROR = None
@@ -52,6 +55,7 @@ else:
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS_IMG = ROOT / "docs" / "img"
+UPDATE_SCREENSHOTS = os.environ.get("MEWS_UPDATE_SCREENSHOTS", "0") not in ("", "0")
 ARTIFACTS = Path(os.environ.get("MEWS_TEST_ARTIFACTS", ROOT / ".artifacts")) / "ui"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -84,12 +88,12 @@ sys.exit(main())
 
 
 def _chromium() -> str:
-    path = os.environ.get("MEWS_UI_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(path).is_file():
-        pytest.fail(
-            f"Chromium not found at {path}: the UI test needs Debian's chromium package "
-            "(`apt-get install chromium`, done by .ci/system-deps.sh) or MEWS_UI_CHROMIUM=/path/to/chromium.",
-            pytrace=False,
+    path = os.environ.get("MEWS_UI_CHROMIUM") or shutil.which("chromium") or ""
+    if not (Path(path).is_file() and os.access(path, os.X_OK)):
+        needs(
+            "Chromium",
+            "install Debian's chromium (`apt-get install chromium`, done by .ci/system-deps.sh as root) "
+            "or set MEWS_UI_CHROMIUM=/path/to/chromium",
         )
     return path
 
@@ -186,11 +190,10 @@ def airflow_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if PLAYWRIGHT_IMPORT_ERROR is not None:
-        pytest.fail(
-            f"playwright is not installed ({PLAYWRIGHT_IMPORT_ERROR}): "
-            "`pip install playwright` (the dev extra); never `playwright install`: "
-            "the test uses Debian's chromium.",
-            pytrace=False,
+        needs(
+            "playwright",
+            f"`pip install playwright` (the dev extra; {PLAYWRIGHT_IMPORT_ERROR}); never `playwright install`: "
+            "the test uses Debian's chromium",
         )
     executable = _chromium()
     with sync_playwright() as pw:
@@ -273,7 +276,8 @@ def _press_test(page: Page, row: Locator, title: str) -> tuple[Locator, dict[str
 
 
 def _save_png(name: str, data: bytes) -> None:
-    for folder in (DOCS_IMG, ARTIFACTS):
+    """Into .artifacts/ui; into the README's docs/img only for `make screenshots`."""
+    for folder in (DOCS_IMG, ARTIFACTS) if UPDATE_SCREENSHOTS else (ARTIFACTS,):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
 

@@ -1,0 +1,241 @@
+"""One try of a sync: an upsert (``if_exists="update"``) or a mirror (``LoyaltyMembershipSyncOperator``).
+
+:class:`SyncRun` is :class:`~airflow_provider_mews.run.MembershipRun` with sync batches
+(:mod:`~airflow_provider_mews.sync_batches`: added, updated, unchanged or rejected), and for
+a mirror two more steps:
+
+* :meth:`~SyncRun.prepare`, before any write: list the scope's memberships into an on-disk
+  index (:class:`~airflow_provider_mews.scope.ScopeIndex`), read the source once to match
+  every row (sending nothing), and refuse the run when the memberships no row matched exceed
+  ``max_removals``;
+* :meth:`~SyncRun.remove`, once every row is done: cancel or delete what no row matched,
+  each exactly once.
+
+With ``dry_run`` no write request is sent: the outcomes and removals written are the plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from airflow_provider_mews.exceptions import MewsError
+from airflow_provider_mews.run import MembershipRun, RunSettings, Source
+from airflow_provider_mews.scope import ScopeIndex
+from airflow_provider_mews.sync import RemovalsRefused, SyncPlan, check_removals, match_row, removal_limit
+from airflow_provider_mews.sync_batches import (
+    Remover,
+    SyncBatch,
+    SyncBatchResult,
+    SyncBatchSender,
+    build_sync_batch,
+    removal_outcome,
+)
+from airflow_provider_mews.version_compat import AirflowException, AirflowFailException
+
+#: getAll takes at most 1000 LoyaltyProgramIds.
+MAX_FILTER = 1000
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """The sync arguments of the operators."""
+
+    mirror: bool = False
+    loyalty_program_ids: frozenset[str] = frozenset()  # lower case: the mirror's scope
+    on_missing: str = "cancel"
+    max_removals: Any = "5%"
+    dry_run: bool = False
+    work_dir: str | None = None  # where the on-disk index is made (default: the temp directory)
+
+
+class SyncRun(MembershipRun):
+    """One try of a sync; the steps of :class:`MembershipRun` plus :meth:`prepare` and :meth:`remove`."""
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        sync: SyncSettings,
+        hook: Any,
+        source: Source,
+        plan: SyncPlan,
+        outputs: Sequence[Any],
+        checkpoint: Any,
+        log: Any,
+    ) -> None:
+        self.sync = sync
+        self.sync_plan = plan
+        self.index = ScopeIndex(sync.work_dir)
+        self.refusal: str | None = None  # why the mirror was refused before any write
+        self.removals_refused: list[str] = []
+        self.planned_removals: int | None = None
+        super().__init__(settings, hook, source, plan.columns, outputs, checkpoint, log)
+        self.tally.sync = True
+
+    def make_sender(self) -> Any:
+        return SyncBatchSender(
+            self.hook,
+            index=self.index,
+            scope=self.sync.loyalty_program_ids if self.sync.mirror else None,
+            chain_id=self.settings.chain_id,
+            budget=self.budget,
+            stop=self.stop,
+            dry_run=self.sync.dry_run,
+        )
+
+    # -- the run --
+
+    def execute(self) -> dict[str, Any]:
+        try:
+            if self.sync.mirror:
+                try:
+                    self.prepare()
+                except MewsError as exc:  # listing the scope failed: nothing was written
+                    self.errors.append(exc)
+                    return self.finish()
+                if self.refusal is not None and not self.sync.dry_run:
+                    return self.finish()  # nothing was written
+            return super().execute()
+        finally:
+            self.index.close()
+
+    def prepare(self) -> None:
+        """List the scope, match every row against it (no write), check ``max_removals``."""
+        s = self.sync
+        scope = sorted(s.loyalty_program_ids)
+        page: list[dict[str, Any]] = []
+        for start in range(0, len(scope), MAX_FILTER):
+            for m in self.hook.get_loyalty_memberships(
+                loyalty_program_ids=scope[start : start + MAX_FILTER], activity_states=["Active"]
+            ):
+                page.append(m)
+                if len(page) == 1000:
+                    self.index.add_scope(page)
+                    page = []
+        self.index.add_scope(page)
+        first_row = 1
+        for index, rows in enumerate(self.source.chunks()):
+            batch = build_sync_batch(index, first_row, self.sync_plan, rows, False)
+            first_row += len(rows)
+            by_id, by_key = self.index.candidates(batch.rows)
+            matched = []
+            for r in batch.rows:
+                match = match_row(r, by_id, by_key, s.loyalty_program_ids)
+                if match.kind == "matched" and match.membership is not None:
+                    matched.append((match.membership["Id"], r.row))
+            self.index.claim_many(matched)
+        count = self.index.count_unmatched(s.on_missing)
+        self.planned_removals = count
+        self.log.info(
+            "Mirror of %d program(s): %d memberships in Mews, %d source rows; %d would be %s (limit %d).",
+            len(scope),
+            self.index.size,
+            first_row - 1,
+            count,
+            {"cancel": "canceled", "delete": "deleted"}.get(s.on_missing, "kept"),
+            removal_limit(s.max_removals, self.index.size),
+        )
+        try:
+            check_removals(count, self.index.size, s.max_removals, s.on_missing)
+        except RemovalsRefused as exc:
+            self.refusal = str(exc)
+            self.log.error("%s", exc)
+
+    def build(self, rows: Sequence[Sequence[Any]]) -> SyncBatch:  # type: ignore[override]
+        first_row = self.tally.rows_read + 1
+        self.tally.rows_read += len(rows)
+        batch = build_sync_batch(self._next_index, first_row, self.sync_plan, rows, self.settings.keep_rows)
+        self._next_index += 1
+        return batch
+
+    def settle(self, result: Any, may_have_been_written: bool | None = None) -> None:
+        """A batch's end: outcomes written and counted; checkpointed as (added, updated, unchanged, rejected)."""
+        if not isinstance(result, SyncBatchResult):  # the budget ran out before the batch was sent
+            result = SyncBatchResult(result.batch, rejected=list(result.rejected))
+        batch = result.batch
+        if may_have_been_written is None:
+            may_have_been_written = not self.checkpoint.resumed or self.checkpoint.maybe_sent(batch.index)
+        for out in self.outputs:
+            out.write(
+                batch.first_row, batch.last_row, result.outcomes, result.rejected, may_have_been_written
+            )
+        counts = (
+            result.count("added"),
+            result.count("updated"),
+            result.count("unchanged"),
+            len(result.rejected),
+        )
+        self.tally.added += counts[0]
+        self.tally.updated += counts[1]
+        self.tally.unchanged += counts[2]
+        self.tally.reject(result.rejected)
+        self.tally.reconciled += result.reconciled
+        if result.complete:
+            self.checkpoint.mark_done(batch.index, batch.fingerprint, *counts)
+        if result.error is not None:
+            self.errors.append(result.error)
+            self.stop.set()
+
+    def count_earlier(self, counts: Sequence[int]) -> None:
+        added, updated, unchanged, rejected = counts
+        self.tally.added += added
+        self.tally.updated += updated
+        self.tally.unchanged += unchanged
+        self.tally.rejected += rejected
+        self.budget.spend(rejected)
+
+    def finish(self) -> dict[str, Any]:
+        refused = self.refusal is not None and not self.sync.dry_run  # a dry run still writes the plan
+        if self.sync.mirror and not self.errors and not self.budget.exceeded and not refused:
+            self.remove()
+        summary = super().finish()
+        summary["dry_run"] = self.sync.dry_run
+        if self.sync.mirror:
+            summary.update(
+                scope_memberships=self.index.size,
+                planned_removals=self.planned_removals,
+                removals_refused=len(self.removals_refused),
+                refused=self.refusal,
+            )
+        return summary
+
+    def remove(self) -> None:
+        """Cancel or delete, a page at a time, the scope's memberships no source row matched."""
+        s = self.sync
+        if s.on_missing == "keep":
+            return
+        outcome = "canceled" if s.on_missing == "cancel" else "deleted"
+        remover = Remover(self.hook, s.on_missing, self.settings.chain_id)
+        for page in self.index.unmatched(s.on_missing):
+            if s.dry_run:
+                done = page
+            else:
+                result = remover.remove(page)
+                done = result.done
+                for m, exc in result.refused:
+                    self.removals_refused.append(
+                        f"{m['Id']}: HTTP {exc.status} {exc.message} (RequestId {exc.request_id})"
+                    )
+                if result.error is not None:
+                    self.errors.append(result.error)
+            outcomes = [removal_outcome(m, outcome) for m in done]
+            for out in self.outputs:
+                out.write_removals(outcomes)
+            if outcome == "canceled":
+                self.tally.canceled += len(done)
+            else:
+                self.tally.deleted += len(done)
+            if self.errors:
+                return
+
+    def failure(self) -> AirflowException | None:
+        if self.refusal is not None and not self.sync.dry_run:
+            return AirflowFailException(self.refusal)
+        found = super().failure()
+        if found is None and self.removals_refused:
+            return AirflowFailException(
+                f"Mews refused {len(self.removals_refused)} removal(s); Mews is not equal to the source: "
+                + "; ".join(self.removals_refused[:5])
+            )
+        return found

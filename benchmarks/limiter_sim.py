@@ -1,0 +1,177 @@
+"""The rate limiter in a simulated clock: issue 10's adversarial server without the machine's load.
+
+``python -m benchmarks.limiter_sim`` replays the operator's request pattern (``max_active_requests``
+workers, each add answered after 1.0 s, a getAll after 0.05 s before each add with
+``if_exists="skip"``) against a model of the sandbox (20 requests per 3 s sliding window, each
+request counted 0-300 ms after it arrives, Retry-After = whole seconds until the oldest
+counted request leaves the window, as the sandbox answers). The limiter under test is the real
+one (:mod:`airflow_provider_mews.rate_limit.gcra`, connection default 200 / 30 s); two
+reference schedulers that are *told* the server's window show what pacing strategies can
+reach at all. Wall-clock runs (``benchmarks.run --adversarial``) depend on CPU: on a shared,
+loaded machine the sandbox process cannot serve 6.7 adds of 1000 items per second, and the
+limiter is then not what bounds the throughput.
+
+Results: median and worst of 20 seeds, written to ``benchmarks/results/limiter_sim.md``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+import random
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from airflow_provider_mews.rate_limit import gcra
+from airflow_provider_mews.rate_limit.gcra import Params, State
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Scheduler(Protocol):
+    @property
+    def hold(self) -> float: ...
+
+    def reserve(self, now: float) -> float: ...
+
+    def on_429(self, now: float, retry_after_s: float, slot: float) -> None: ...
+
+
+class LearningGcra:
+    """The provider's limiter (pure transitions; the backends add only storage)."""
+
+    def __init__(self, params: Params) -> None:
+        self.params, self.state = params, State()
+
+    @property
+    def hold(self) -> float:
+        return self.state.hold
+
+    def reserve(self, now: float) -> float:
+        slot = gcra.reserve(self.state, self.params, now, None)
+        assert slot is not None
+        return slot
+
+    def on_429(self, now: float, retry_after_s: float, slot: float) -> None:
+        gcra.on_429(self.state, self.params, now, retry_after_s, slot)
+
+
+class SlidingLog:
+    """At most ``limit`` slots in any ``window_s``, a hold after each 429. Told the server's limit
+    and a window widened by the count delay, it is a reference that front-loads each window; with
+    the connection's 200 per 30.05 s it is the limiter before issue 10."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit, self.window_s, self.hold = limit, window_s, 0.0
+        self.slots: list[float] = []
+
+    def reserve(self, now: float) -> float:
+        slot = max(now, self.hold, self.slots[-1] if self.slots else 0.0)
+        if len(self.slots) >= self.limit:
+            slot = max(slot, self.slots[-self.limit] + self.window_s)
+        self.slots.append(slot)
+        return slot
+
+    def on_429(self, now: float, retry_after_s: float, slot: float) -> None:
+        self.hold = max(self.hold, now + retry_after_s)
+
+
+def simulate(
+    scheduler: Scheduler,
+    *,
+    skip: bool,
+    batches: int = 100,
+    workers: int = 8,
+    add_latency_s: float = 1.0,
+    getall_latency_s: float = 0.05,
+    limit: int = 20,
+    window_s: float = 3.0,
+    count_delay_s: float = 0.3,
+    seed: int = 0,
+) -> tuple[float, int]:
+    """(fraction of the ceiling, 429s) for ``batches`` batches of 1000 rows."""
+    rng = random.Random(seed)
+    counted: list[float] = []
+    events: list[tuple[float, int, str, Any]] = []
+    order = 0
+    answered_429 = 0
+    left = batches
+    finished = 0.0
+
+    def at(t: float, kind: str, data: Any = None) -> None:
+        nonlocal order
+        order += 1
+        heapq.heappush(events, (t, order, kind, data))
+
+    for _ in range(workers):
+        at(0.0, "batch")
+    while events:
+        t, _, kind, data = heapq.heappop(events)
+        if kind == "batch":
+            if left:
+                left -= 1
+                at(t, "ask", ["getAll", "add"] if skip else ["add"])
+        elif kind == "ask":
+            at(scheduler.reserve(t), "send", (data, None))
+        elif kind == "send":
+            calls, _ = data
+            if scheduler.hold > t:  # a 429 came while this request waited: book again
+                at(t, "ask", calls)
+                continue
+            arrived = t + rng.uniform(0.0, 0.005)
+            at(arrived + rng.uniform(0.0, count_delay_s), "count", (calls, t, arrived))
+        elif kind == "count":
+            calls, slot, arrived = data
+            del counted[: bisect.bisect_right(counted, t - window_s)]
+            if len(counted) >= limit:
+                answered_429 += 1
+                scheduler.on_429(t, max(1, math.ceil(counted[0] + window_s - t)), slot)
+                at(t, "ask", calls)
+            else:
+                bisect.insort(counted, t)
+                latency = add_latency_s if calls[0] == "add" else getall_latency_s
+                at(max(t, arrived + latency), "answer", calls[1:])
+        elif kind == "answer":
+            if data:
+                at(t, "ask", data)
+            else:
+                finished = t
+                at(t, "batch")
+    ceiling = limit / window_s * 1000 / (2 if skip else 1)
+    return batches * 1000 / finished / ceiling, answered_429
+
+
+def main() -> None:
+    strategies: dict[str, Callable[[], Scheduler]] = {
+        "before issue 10: sliding window 200 per 30.05 s": lambda: SlidingLog(200, 30.05),
+        "provider limiter (learns; connection 200/30)": lambda: LearningGcra(Params(200, 30.0)),
+        "reference: even pace, told 20 per 3.3 s": lambda: LearningGcra(Params(20, 3.3, burst=1)),
+        "reference: sliding log, told 20 per 3.3 s": lambda: SlidingLog(20, 3.3),
+    }
+    lines = [
+        "Simulated (`python -m benchmarks.limiter_sim`): server 20 requests / 3 s counting 0-300 ms late, "
+        "8 workers, add 1.0 s, getAll 0.05 s, 100 batches of 1000 rows; median (worst) of 20 seeds.",
+        "",
+        '| scheduler | `"add"` fraction of ceiling | 429s | `"skip"` fraction of ceiling | 429s |',
+        "|---|---|---|---|---|",
+    ]
+    for name, make in strategies.items():
+        cells = []
+        for skip in (False, True):
+            runs = [simulate(make(), skip=skip, seed=seed) for seed in range(20)]
+            fractions = [r[0] for r in runs]
+            limited = [r[1] for r in runs]
+            cells.append(f"{statistics.median(fractions):.3f} ({min(fractions):.3f})")
+            cells.append(f"{statistics.mean(limited):.1f} (max {max(limited)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "limiter_sim.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

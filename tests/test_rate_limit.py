@@ -1,0 +1,543 @@
+"""The learning, shared rate limiter: its transitions, each backend, real processes and a lagging server.
+
+* pure GCRA transitions (:mod:`airflow_provider_mews.rate_limit.gcra`): even pace, small
+  burst, Retry-After hold, one cut per congestion epoch, slow recovery;
+* every backend (process memory, the per-user SQLite file, a real ``redis-server`` through
+  the official RedisHook) behaves the same;
+* several real processes on one token: the union of their booked slots never exceeds the
+  limit in any window (SQLite and Redis), and through a real sandbox none meets a 429;
+* the hook against a sandbox that enforces the same average rate over a shorter window and
+  counts each request up to 100 ms late: it learns and stops meeting 429s;
+* Redis unreachable: the limiter falls back to the host's state at a share, logged once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_mews import rate_limit
+from airflow_provider_mews.hooks.mews import MewsConnectorHook
+from airflow_provider_mews.rate_limit import FALLBACK_SHARE, TokenLimiter, gcra, limiter_for
+from airflow_provider_mews.rate_limit.gcra import Params, State
+from airflow_provider_mews.rate_limit.local import MemoryBackend, SqliteBackend, runtime_dir
+from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, MewsSandbox, connection_json
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configuration/get"
+
+
+def max_in_window(times: list[float], window_s: float) -> int:
+    """The most ``times`` in any half-open window of ``window_s`` seconds."""
+    times = sorted(times)
+    best = start = 0
+    for end, t in enumerate(times):
+        while times[start] <= t - window_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+# -- pure transitions --
+
+
+def test_gcra_paces_evenly_after_a_small_burst():
+    params = Params(limit=11, period_s=10.0, burst=2)  # interval 10 / (11 - 2 + 1) = 1 s
+    state = State()
+    slots = [gcra.reserve(state, params, 100.0, None) for _ in range(6)]
+    assert slots == [100.0, 100.0, 101.0, 102.0, 103.0, 104.0]
+    # Any window of the period holds at most the limit, however the requests come.
+    state = State()
+    many = [gcra.reserve(state, params, 100.0 + i * 0.01, None) for i in range(60)]
+    assert max_in_window([s for s in many if s is not None], 10.0) == 11
+
+
+def test_gcra_refuses_a_slot_beyond_the_wait_allowed_and_books_nothing():
+    params = Params(limit=2, period_s=1.0, burst=1)
+    state = State()
+    assert gcra.reserve(state, params, 0.0, 0.0) == 0.0
+    tat = state.tat
+    assert gcra.reserve(state, params, 0.0, 0.1) is None
+    assert state.tat == tat
+    assert gcra.reserve(state, params, 0.0, 0.5) == 0.5
+
+
+def test_a_429_holds_everyone_then_they_leave_one_by_one_and_the_rate_is_cut_once_per_epoch():
+    params = Params(limit=10, period_s=10.0, burst=1)  # 1 s apart
+    state = State()
+    in_flight = [gcra.reserve(state, params, 0.0, None) for _ in range(3)]  # 0, 1, 2
+    assert gcra.on_429(state, params, 2.5, retry_after_s=4.0, slot=in_flight[2]) is True
+    assert state.factor == pytest.approx(1 - gcra.STEP)
+    # The other requests of the same burst answer 429 too: honoured, but no second cut.
+    assert gcra.on_429(state, params, 2.6, retry_after_s=4.0, slot=in_flight[0]) is False
+    assert state.factor == pytest.approx(1 - gcra.STEP)
+    after = [gcra.reserve(state, params, 3.0, None) for _ in range(3)]
+    interval = 1.0 / (1 - gcra.STEP)
+    assert after == pytest.approx([6.6, 6.6 + interval, 6.6 + 2 * interval], rel=1e-3)  # no herd at 6.6
+    # A request sent after the cut that meets a 429 again: a new epoch, a new cut.
+    assert gcra.on_429(state, params, 7.0, retry_after_s=1.0, slot=after[0]) is True
+    recovered = gcra.RECOVERY_STEP * (7.0 - 2.5) / 10.0
+    assert state.factor == pytest.approx(1 - 2 * gcra.STEP + recovered)
+
+
+def test_the_rate_recovers_slowly_and_the_burst_comes_back_when_whole():
+    params = Params(limit=10, period_s=10.0, burst=3)
+    state = State(factor=0.9, cut=0.0)
+    assert gcra.factor_at(state, params, 0.0) == pytest.approx(0.9)
+    assert gcra.factor_at(state, params, 50.0) == pytest.approx(0.95)  # RECOVERY_STEP per period
+    assert gcra.factor_at(state, params, 1000.0) == 1.0
+    cut = gcra.reserve(state, params, 5.0, None), gcra.reserve(state, params, 5.0, None)
+    assert cut[1] > cut[0]  # burst 1 while the factor is below 1
+    state = State(factor=0.9, cut=0.0)
+    whole = [gcra.reserve(state, params, 200.0, None) for _ in range(3)]
+    assert whole == [200.0, 200.0, 200.0]
+    floor = State(factor=gcra.FACTOR_MIN)
+    gcra.on_429(floor, params, 0.0, 1.0, None)
+    assert floor.factor == gcra.FACTOR_MIN
+
+
+# -- backends --
+
+
+def _redis_binary() -> str | None:
+    return shutil.which("redis-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real redis-server on a random loopback port (CI installs it: .ci/system-deps.sh)."""
+    binary = _redis_binary()
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server); CI installs it")
+    port = _free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not answer PING within 20 s")
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def redis_conn_env(port: int) -> str:
+    return json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": port})
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    if request.param == "memory":
+        return MemoryBackend()
+    if request.param == "sqlite":
+        return SqliteBackend(tmp_path / "state.sqlite3")
+    port = request.getfixturevalue("redis_server")
+    monkeypatch.setenv("AIRFLOW_CONN_RATE_REDIS", redis_conn_env(port))
+    from airflow_provider_mews.rate_limit.redis import RedisBackend
+
+    return RedisBackend("rate_redis")
+
+
+def test_every_backend_paces_holds_and_learns(backend: Any, request: pytest.FixtureRequest):
+    key = f"backend-test-{request.node.name}-{time.time()}"
+    params = Params(limit=10, period_s=1.0, burst=2)  # 1 / 9 s apart
+    limiter = TokenLimiter(key, params, backend)
+    slots = [limiter.acquire() for _ in range(6)]
+    assert all(s is not None for s in slots)
+    offsets = [s - slots[0] for s in slots]  # type: ignore[operator]
+    assert offsets[1] == pytest.approx(0.0, abs=0.05)  # the burst of 2 (booked at once, or nearly)
+    assert offsets[2:] == pytest.approx([k / 9 for k in range(1, 5)], abs=1e-6)
+    assert limiter.waited_s > 0.3
+    # Nothing within 0.05 s while a 429's hold of 0.5 s lasts, then paced at the cut rate.
+    limiter.on_429(0.5, slots[-1])
+    assert limiter.cuts == 1
+    assert backend.hold_remaining(key) == pytest.approx(0.5, abs=0.1)
+    assert limiter.acquire(deadline=time.monotonic() + 0.05) is None
+    resumed = [limiter.acquire() for _ in range(3)]
+    assert resumed[1] - resumed[0] == pytest.approx(1 / 9 / (1 - gcra.STEP), abs=0.002)  # type: ignore[operator]
+    limiter.on_429(0.0, slots[0])  # an old request's 429: honoured, no second cut
+    assert limiter.cuts == 1
+
+
+def test_the_state_directory_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    target = tmp_path / "state"
+    monkeypatch.setenv("MEWS_RATE_LIMIT_DIR", str(target))
+    assert runtime_dir() == target
+    assert target.stat().st_mode & 0o777 == 0o700
+    target.chmod(0o755)
+    runtime_dir()
+    assert target.stat().st_mode & 0o777 == 0o700
+    monkeypatch.delenv("MEWS_RATE_LIMIT_DIR")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    assert runtime_dir() == tmp_path / "run" / "airflow-provider-mews"
+    backend = SqliteBackend(target / "x.sqlite3")
+    TokenLimiter("k", Params(5, 1.0), backend).acquire()
+    assert (target / "x.sqlite3").stat().st_mode & 0o777 == 0o600
+    assert DEMO_ACCESS_TOKEN not in (target / "x.sqlite3").read_bytes().decode("latin-1")
+
+
+# -- several real processes on one token --
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, time
+    from airflow_provider_mews.rate_limit import limiter_for
+    count, limit, period, redis_conn_id, start_at = sys.argv[1:]
+    limiter = limiter_for("token-shared-by-processes", int(limit), float(period), scope="test",
+                          redis_conn_id=redis_conn_id or None)
+    while time.time() < float(start_at):
+        time.sleep(0.002)
+    print(json.dumps([limiter.acquire() for _ in range(int(count))]))
+    """
+)
+
+
+def run_workers(
+    processes: int, count: int, limit: int, period: float, env: dict[str, str], redis_conn_id: str = ""
+) -> list[list[float]]:
+    start_at = time.time() + (20 if redis_conn_id else 6)  # every process imported and waiting
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(count), str(limit), str(period), redis_conn_id, str(start_at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for _ in range(processes)
+    ]
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0, stderr[-2000:]
+        out.append(json.loads(stdout))
+    return out
+
+
+@pytest.mark.parametrize("where", ["sqlite", "redis"])
+def test_processes_on_one_token_share_one_window(where: str, tmp_path: Path, request: pytest.FixtureRequest):
+    """4 processes x 15 requests, limit 10 per 1 s: the union of their slots never exceeds 10 in
+    any 1 s window, and together they keep the pace (not 4 times it, not a quarter of it)."""
+    env = {**os.environ, "MEWS_RATE_LIMIT_DIR": str(tmp_path / "state"), "PYTHONPATH": str(ROOT)}
+    redis_conn_id = ""
+    if where == "redis":
+        env["AIRFLOW_CONN_RATE_REDIS"] = redis_conn_env(request.getfixturevalue("redis_server"))
+        redis_conn_id = "rate_redis"
+    per_process = run_workers(4, 15, 10, 1.0, env, redis_conn_id)
+    slots = [s for slots in per_process for s in slots]
+    assert len(slots) == 60 and all(isinstance(s, float) for s in slots)
+    assert max_in_window(slots, 1.0) <= 10
+    # Together at the pace of one (9 per second after a burst of 2), not a share of it each:
+    # most slots follow the previous one by one interval (a late starter only adds a gap).
+    gaps = sorted(b - a for a, b in zip(sorted(slots), sorted(slots)[1:], strict=False))
+    assert statistics.median(gaps) == pytest.approx(1 / 9, abs=0.002)
+    assert all(len(set(p)) == 15 for p in per_process)
+
+
+def test_processes_through_a_real_sandbox_meet_no_429(tmp_path: Path):
+    """3 worker processes call Mews (the sandbox, limiting to 6 per 0.8 s) through the hook with a
+    connection saying 6 per 1 s: no 429 (each alone would send 6 per second, 18 together).
+    (0.2 s of slack: one pace interval, for
+    a loaded machine where a request takes that long to reach the sandbox's count.)"""
+    with MewsSandbox() as sandbox:
+        sandbox.configure(rate_limit_requests=6, rate_limit_period_s=0.8)
+        env = {
+            **os.environ,
+            "MEWS_RATE_LIMIT_DIR": str(tmp_path / "state"),
+            "PYTHONPATH": str(ROOT),
+            "AIRFLOW_CONN_MEWS_SHARED": connection_json(
+                sandbox.url, rate_limit_requests=6, rate_limit_period=1
+            ),
+        }
+        code = textwrap.dedent(
+            """
+            import sys, time
+            from airflow_provider_mews.hooks.mews import MewsConnectorHook
+            hook = MewsConnectorHook("mews_shared")
+            hook.limiter
+            start_at = float(sys.argv[1])
+            while time.time() < start_at:
+                time.sleep(0.002)
+            for _ in range(12):
+                hook.call("configuration/get")
+            print(hook.stats.rate_limited)
+            """
+        )
+        start_at = str(time.time() + 15)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, start_at],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
+            for _ in range(3)
+        ]
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=180)
+            assert proc.returncode == 0, stderr[-2000:]
+            assert stdout.strip().splitlines()[-1] == "0", stdout
+        stats = sandbox.stats()
+        assert stats.get("429", 0) == 0
+        counted = sandbox.counted_times(DEMO_ACCESS_TOKEN)
+        assert len(counted) == 36
+
+
+# -- learning from a server that counts late --
+
+
+def test_the_hook_learns_a_shorter_window_and_a_lagging_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The sandbox allows 10 requests per 1 s and counts each request 0-50 ms after it arrived;
+    the connection says 100 per 10 s (the same average). Pacing evenly at that average meets
+    the lag's 429s; the limiter must learn (honouring each Retry-After) and then stop meeting
+    them: at most 5 in 90 requests, at most 1 in the last 45 and fewer than in the first 45
+    (without learning, they keep coming at about the same rate)."""
+    monkeypatch.setenv("MEWS_RATE_LIMIT_DIR", str(tmp_path / "state"))
+    with MewsSandbox() as sandbox:
+        sandbox.configure(rate_limit_requests=10, rate_limit_period_s=1.0, count_delay_ms=50, seed=7)
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_MEWS_LAG",
+            connection_json(sandbox.url, rate_limit_requests=100, rate_limit_period=10),
+        )
+        hook = MewsConnectorHook("mews_lag", max_retry_after_s=2.0)
+        outcome: list[tuple[int, int]] = []  # (request number, 429s so far)
+        lock = threading.Lock()
+        calls = iter(range(90))
+
+        def work() -> None:
+            for n in calls:
+                hook.call(CONFIG)
+                with lock:
+                    outcome.append((n, sandbox.stats().get("429", 0)))
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        total_429 = sandbox.stats().get("429", 0)
+        at_half = max(count for n, count in outcome if n < 45)
+    late = total_429 - at_half
+    assert 1 <= total_429 <= 5, f"{total_429} x 429"
+    assert late <= 1 and late < at_half, f"{at_half} x 429 in the first 45 requests, {late} in the last 45"
+    assert hook.limiter.cuts >= 1
+    assert hook.stats.rate_limited == total_429
+    assert hook.stats.limiter_wait_s > 0
+    assert len(sandbox.counted_times(DEMO_ACCESS_TOKEN)) == 90
+
+
+# -- Redis unreachable --
+
+
+def test_unreachable_redis_falls_back_to_the_host_at_a_share_and_says_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    monkeypatch.setenv("MEWS_RATE_LIMIT_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("AIRFLOW_CONN_RATE_REDIS_DOWN", redis_conn_env(_free_port()))
+    monkeypatch.setattr(rate_limit, "_local", None)
+    limiter = limiter_for(
+        "token-with-redis-down", 40, 1.0, scope=str(tmp_path), redis_conn_id="rate_redis_down"
+    )
+    with caplog.at_level(logging.WARNING, logger="airflow_provider_mews.rate_limit"):
+        slots = [limiter.acquire() for _ in range(6)]
+    warnings = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "rate_redis_down" in warnings[0] and f"{FALLBACK_SHARE:.0%}" in warnings[0]
+    assert limiter.params.limit == int(40 * FALLBACK_SHARE)
+    assert isinstance(limiter.backend, SqliteBackend)
+    offsets = [s - slots[0] for s in slots]  # type: ignore[operator]
+    assert offsets[2:] == pytest.approx([k / (10 - 2 + 1) for k in range(1, 5)], abs=1e-6)
+
+
+# -- the sandbox's own window and its lagging count --
+
+
+def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str]]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers)
+
+
+def _config_call(token: str = DEMO_ACCESS_TOKEN) -> dict[str, str]:
+    from airflow_provider_mews.testing import DEMO_CLIENT_TOKEN
+
+    return {"ClientToken": DEMO_CLIENT_TOKEN, "AccessToken": token, "Client": "rate test"}
+
+
+def test_the_sandbox_counts_late_as_configured_over_http():
+    """``count_delay_ms`` set through /_sandbox/config: each request is counted 0..N ms after it
+    arrived (spread over that range), within its answer time."""
+    with MewsSandbox() as sandbox:
+        assert _post(sandbox.url, "/_sandbox/config", {"count_delay_ms": 200, "seed": 3})[0] == 200
+        assert sandbox.config.count_delay_ms == 200
+        lags = []
+        for _ in range(12):
+            sent = time.monotonic()
+            status, _ = _post(sandbox.url, "/api/connector/v1/configuration/get", _config_call())
+            answered = time.monotonic()
+            assert status == 200
+            counted = sandbox.counted_times(DEMO_ACCESS_TOKEN)[-1]
+            assert sent <= counted <= answered
+            lags.append(counted - sent)
+    assert max(lags) <= 0.2 + 0.1  # 0.1 s for a loaded machine
+    assert max(lags) - min(lags) > 0.05, lags  # drawn at random, not a fixed shift
+
+
+def test_the_sandbox_cli_enforces_its_own_window_whatever_the_connection_says(tmp_path: Path):
+    """``mews-sandbox --rate-limit 3/2 --count-delay-ms 50``: a 4th request within 2 s meets a 429
+    with Retry-After, although the hook's connection would allow 200 per 30 s."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "airflow_provider_mews.testing.sandbox", "--port", str(port),
+         "--rate-limit", "3/2", "--count-delay-ms", "50"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and "listening" in proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}"
+        answers = [_post(url, "/api/connector/v1/configuration/get", _config_call()) for _ in range(4)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert [status for status, _ in answers] == [200, 200, 200, 429]
+    assert 1 <= int(answers[3][1]["Retry-After"]) <= 2
+
+
+# -- the rate settings of the connection --
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"rate_limit_requests": 2.5},
+            "extra.rate_limit_requests must be a whole number of requests, got 2.5",
+        ),
+        ({"rate_limit_requests": 0}, "extra.rate_limit_requests must be a positive number, got 0"),
+        ({"rate_limit_period": "soon"}, "extra.rate_limit_period must be a positive number, got 'soon'"),
+        (
+            {"rate_limit_redis_conn_id": "my redis!"},
+            "extra.rate_limit_redis_conn_id must name an Airflow connection",
+        ),
+        ({"rate_limit_redis_conn_id": 7}, "extra.rate_limit_redis_conn_id must name an Airflow connection"),
+    ],
+)
+def test_bad_rate_settings_fail_naming_the_field(extra: dict[str, Any], message: str):
+    from airflow.models.connection import Connection
+
+    from airflow_provider_mews.exceptions import MewsConfigurationError
+    from airflow_provider_mews.hooks.mews import settings_from_connection
+
+    conn = Connection(
+        conn_id="mews_rate_bad",
+        conn_type="mews",
+        host="https://api.mews-demo.com",
+        password="access",
+        extra=json.dumps({"client_token": "client", **extra}),
+    )
+    with pytest.raises(MewsConfigurationError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        settings_from_connection(conn)
+
+
+def test_good_rate_settings_are_typed(monkeypatch: pytest.MonkeyPatch):
+    from airflow.models.connection import Connection
+
+    from airflow_provider_mews.hooks.mews import settings_from_connection
+
+    conn = Connection(
+        conn_id="mews_rate_good",
+        conn_type="mews",
+        host="https://api.mews-demo.com",
+        password="access",
+        extra=json.dumps(
+            {
+                "client_token": "c",
+                "rate_limit_requests": "150",
+                "rate_limit_period": 20.5,
+                "rate_limit_redis_conn_id": " redis_default ",
+            }
+        ),
+    )
+    s = settings_from_connection(conn)
+    assert (s.rate_limit_requests, s.rate_limit_period_s, s.rate_limit_redis_conn_id) == (
+        150,
+        20.5,
+        "redis_default",
+    )
+
+
+def test_a_missing_redis_connection_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, mews_sandbox: MewsSandbox
+):
+    from airflow_provider_mews.exceptions import MewsConfigurationError
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MEWS_RATE_NOREDIS",
+        connection_json(mews_sandbox.url, rate_limit_requests=123, rate_limit_redis_conn_id="no_such_redis"),
+    )
+    with pytest.raises(
+        MewsConfigurationError, match="names the Airflow connection 'no_such_redis', which does not exist"
+    ):
+        MewsConnectorHook("mews_rate_noredis").call(CONFIG)
