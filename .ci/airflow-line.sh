@@ -19,9 +19,10 @@ ARTIFACTS="$ROOT/.artifacts/airflow-$LINE"
 mkdir -p "$ARTIFACTS"
 
 # Unit tests that hold on every line. Left out: test_postgres (needs the Postgres provider, which
-# these environments leave out), test_operator, test_provider, test_lineage and test_secrets (they
-# assume Airflow 3.3: its task state store, form, asset events and task supervisor); what they
-# prove per line is proven here by .ci/airflow-line-e2e.py. Missing files are left out.
+# these environments leave out), test_operator, test_provider, test_lineage and test_secrets (written
+# against Airflow 3.3: its task state store, conn-fields form, asset events, OpenLineage and task
+# supervisor); on each line .ci/airflow-line-e2e.py runs the operator, the form and the connection
+# test instead. Missing files are left out.
 TESTS=(tests/test_hook.py tests/test_memberships.py tests/test_sandbox.py tests/test_batches.py)
 # test_smoke_examples runs an example DAG with dag.test(), which on 3.0 refuses the operator's
 # (unregistered) asset outlet; on 3.0 the e2e runs the example DAG after `airflow dags reserialize`.

@@ -2,18 +2,18 @@
 
 Each name is imported from where it lives today, falling back to where older lines keep it,
 feature by feature rather than by version number, as the official providers' ``common.compat``
-does. Where each one lives, proven by ``.ci/airflow-lines.sh`` on every line:
+does. Where each one comes from on each line is checked by ``.ci/airflow-lines.sh``:
 
-================  =========================================  ====================================
-name              new home (from)                            fallback (lines before it)
-================  =========================================  ====================================
-BaseOperator      ``airflow.sdk`` (3.0)                      ``airflow.models`` (2.11)
-BaseHook          ``airflow.sdk`` (3.1)                      ``airflow.hooks.base`` (2.11, 3.0)
-Asset             ``airflow.sdk`` (3.0)                      ``airflow.datasets.Dataset`` (2.11)
-AirflowException  ``airflow.sdk.exceptions`` (3.1)           ``airflow.exceptions`` (2.11, 3.0)
-mask_secret       ``airflow.sdk.log`` (3.1),                 ``airflow.utils.log.secrets_masker``
-                  ``airflow.sdk.execution_time`` (3.0)       (2.11)
-================  =========================================  ====================================
+====================  ======================================  ===================================
+name                  newest home (from)                      fallback (lines before it)
+====================  ======================================  ===================================
+BaseOperator          ``airflow.sdk`` (3.0)                   ``airflow.models`` (2.11)
+BaseHook              ``airflow.sdk`` (3.1)                   ``airflow.hooks.base`` (2.11, 3.0)
+Asset                 ``airflow.sdk`` (3.0)                   ``airflow.datasets.Dataset`` (2.11)
+AirflowException      ``airflow.sdk.exceptions`` (3.1)        ``airflow.exceptions`` (2.11, 3.0)
+AirflowFailException  ``airflow.sdk.exceptions`` (3.2)        ``airflow.exceptions`` (2.11-3.1)
+mask_secret           ``airflow.sdk.log`` (3.0)               ``airflow.utils.log.secrets_masker``
+====================  ======================================  ===================================
 
 ``task_state_store`` (3.3) is read from the task context where it exists (``checkpoint.py``).
 """
@@ -50,17 +50,19 @@ except ImportError:  # Airflow 2.11: assets were datasets
     from airflow.datasets import Dataset as Asset  # type: ignore[no-redef]
 
 try:
-    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from airflow.sdk.exceptions import AirflowException
 except ImportError:  # Airflow 2.11 and 3.0
-    from airflow.exceptions import AirflowException, AirflowFailException  # type: ignore[no-redef]
+    from airflow.exceptions import AirflowException  # type: ignore[no-redef]
+
+try:
+    from airflow.sdk.exceptions import AirflowFailException
+except ImportError:  # Airflow 2.11 to 3.1
+    from airflow.exceptions import AirflowFailException  # type: ignore[no-redef]
 
 try:
     from airflow.sdk.log import mask_secret
-except ImportError:
-    try:  # Airflow 3.0: the task runner's masker
-        from airflow.sdk.execution_time.secrets_masker import mask_secret  # type: ignore[no-redef]
-    except ImportError:  # Airflow 2.11
-        from airflow.utils.log.secrets_masker import mask_secret  # type: ignore[no-redef]
+except ImportError:  # Airflow 2.11
+    from airflow.utils.log.secrets_masker import mask_secret  # type: ignore[no-redef]
 
 __all__ = [
     "AIRFLOW_V_3_0_PLUS",
