@@ -67,6 +67,8 @@ LIMIT, PERIOD = 20, 3.0  # what the sandbox enforces per AccessToken
 LATENCY = 1.0  # seconds per add of 1000 items
 BATCH = 1000
 TARGETS = {"max_429": 3, "min_share": 0.85}
+#: The checks that fail a run under ``--enforce correctness``: what must hold on any machine.
+CORRECTNESS = ("dag_run_succeeded", "exactly_once", "ran_on_every_worker")
 MARKER = "MEWS_SCALE_OUT_RUN"  # set in every process this run starts, to find strays at the end
 WORKER_NAME = "MEWS_SCALE_OUT_WORKER"
 REDIS_KEY_PREFIX = "airflow-provider-mews:"
@@ -631,6 +633,13 @@ def main(argv: list[str] | None = None) -> int:
         "--artifacts", help="where logs go on failure (default .artifacts/scale-out/EXECUTOR)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dir and copy the logs")
+    parser.add_argument(
+        "--enforce",
+        choices=("all", "correctness"),
+        default="all",
+        help="which missed figures fail the run: all, or only correctness (the DAG run succeeded on "
+        "every worker, every row exactly once); the rate figures are then reported, not enforced",
+    )
     args = parser.parse_args(argv)
     if args.shards is None:
         args.shards = 8 if args.executor == "celery" else 4
@@ -640,6 +649,11 @@ def main(argv: list[str] | None = None) -> int:
     with signals_raise():
         result = run(args)
     report(result, out)
+    if args.enforce == "correctness":
+        missed = [k for k in CORRECTNESS if not result["checks"].get(k, True)]
+        if not result["passed"] and not missed:
+            print("(rate figures missed above are reported, not enforced: --enforce correctness)")
+        return 1 if missed else 0
     return 0 if result["passed"] else 1
 
 
