@@ -201,11 +201,7 @@ class TableOutput:
                 if rewrite:
                     cur.execute(f"DELETE FROM {table} WHERE {where}", (*key, first_row, last_row))
                 if rows:
-                    names = ", ".join(KEY_COLUMNS + columns)
-                    marks = ", ".join([ph] * (len(KEY_COLUMNS) + len(columns)))
-                    cur.executemany(
-                        f"INSERT INTO {table} ({names}) VALUES ({marks})", [(*key, *r) for r in rows]
-                    )
+                    self._insert(cur, table, columns, rows)
             self._conn.commit()
         except Exception:
             self._conn.rollback()
@@ -213,21 +209,22 @@ class TableOutput:
         finally:
             cur.close()
 
+    def _insert(self, cur: Any, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """This task instance's rows into ``table`` (the key columns first), in one executemany."""
+        names = ", ".join([*KEY_COLUMNS, *columns])
+        marks = ", ".join([self.placeholder] * (len(KEY_COLUMNS) + len(columns)))
+        key = self._key()
+        cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", [(*key, *r) for r in rows])
+
     def write_removals(self, outcomes: Sequence[Outcome]) -> None:
         """A mirror's removals (no source row): appended, as each is done exactly once."""
         if not self.results_table or not outcomes:
             return
         if self._conn is None:
             self.open()
-        ph = self.placeholder
-        key = (self.key.dag_id, self.key.run_id, self.key.task_id, self.key.map_index)
-        names = ", ".join(KEY_COLUMNS + RESULT_COLUMNS)
-        marks = ", ".join([ph] * (len(KEY_COLUMNS) + len(RESULT_COLUMNS)))
         cur = self._conn.cursor()
         try:
-            cur.executemany(
-                f"INSERT INTO {self.results_table} ({names}) VALUES ({marks})", [(*key, *r) for r in outcomes]
-            )
+            self._insert(cur, self.results_table, RESULT_COLUMNS, outcomes)
             self._conn.commit()
         except Exception:
             self._conn.rollback()
