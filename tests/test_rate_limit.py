@@ -250,6 +250,46 @@ def test_every_backend_paces_holds_and_learns(backend: Any, request: pytest.Fixt
     assert limiter.cuts == 1
 
 
+def _seed(backend: Any, key: str, state: State) -> None:
+    """Write a learned state straight into a backend's storage (as an earlier run left it)."""
+    if isinstance(backend, MemoryBackend):
+        backend._states[key] = state
+    elif isinstance(backend, SqliteBackend):
+        backend._connection().execute(
+            "INSERT OR REPLACE INTO gcra (key, tat, hold, factor, cut, used, peak) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, state.tat, state.hold, state.factor, state.cut, time.time(), state.peak),
+        )
+    else:
+        from airflow_provider_mews.rate_limit.redis import KEY_PREFIX
+
+        fields = {
+            "tat": state.tat,
+            "hold": state.hold,
+            "factor": state.factor,
+            "cut": state.cut,
+            "peak": state.peak,
+        }
+        backend.client.hset(KEY_PREFIX + key, mapping={k: repr(v) for k, v in fields.items()})
+
+
+@pytest.mark.parametrize(
+    ("periods_since_cut", "peak"),
+    [(2.0, 0.9), (20.0, 0.9), (20.0, 0.0), (200.0, 0.9)],
+    ids=["held", "capped", "uncapped", "faded"],
+)
+def test_every_backend_recovers_as_the_pure_functions_say(
+    backend: Any, request: pytest.FixtureRequest, periods_since_cut: float, peak: float
+):
+    key = f"recover-test-{request.node.name}-{time.time()}"
+    params = Params(limit=11, period_s=1.0, burst=1)  # 0.1 s apart at factor 1
+    learned = State(factor=0.8, cut=time.time() - periods_since_cut, peak=peak)
+    _seed(backend, key, learned)
+    expected = gcra.factor_at(learned, params, time.time())
+    first, _ = backend.reserve(key, params, None)
+    second, _ = backend.reserve(key, params, None)
+    assert second - first == pytest.approx(params.interval_s / expected, rel=0.01)
+
+
 def test_every_backend_rebooks_slots_booked_before_a_cut(backend: Any, request: pytest.FixtureRequest):
     key = f"rebook-test-{request.node.name}-{time.time()}"
     params = Params(limit=10, period_s=2.0, burst=1)  # 0.2 s apart
@@ -289,6 +329,24 @@ def test_every_backend_rebooks_slots_booked_before_a_cut(backend: Any, request: 
     waiter.join(timeout=10)
     assert len(bookings) == 2, bookings
     assert waiter_slots == [bookings[1]]
+
+
+def test_a_state_file_of_the_previous_version_gains_the_peak_column(tmp_path: Path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE gcra (key TEXT PRIMARY KEY, tat REAL NOT NULL, hold REAL NOT NULL, "
+            "factor REAL NOT NULL, cut REAL NOT NULL, used REAL NOT NULL)"
+        )
+        conn.execute("INSERT INTO gcra VALUES ('k', 0, 0, 0.9, ?, ?)", (time.time(), time.time()))
+    backend = SqliteBackend(path)
+    params = Params(limit=11, period_s=1.0, burst=1)
+    first, _ = backend.reserve("k", params, None)
+    second, _ = backend.reserve("k", params, None)
+    assert second - first == pytest.approx(0.1 / 0.9, rel=0.01)  # the learned factor is kept
+    assert backend.on_429("k", params, 0.0, None) is True
 
 
 def test_the_state_directory_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
