@@ -345,7 +345,7 @@ def test_a_state_file_of_the_previous_version_gains_the_peak_column(tmp_path: Pa
     params = Params(limit=11, period_s=1.0, burst=1)
     first, _ = backend.reserve("k", params, None)
     second, _ = backend.reserve("k", params, None)
-    assert second - first == pytest.approx(0.1 / 0.9, rel=0.01)  # the learned factor is kept
+    assert second - first == pytest.approx(params.interval_s / 0.9, rel=0.01)  # the learned factor is kept
     assert backend.on_429("k", params, 0.0, None) is True
 
 
