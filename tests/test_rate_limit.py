@@ -88,11 +88,16 @@ def test_a_429_holds_everyone_then_they_leave_one_by_one_and_the_rate_is_cut_onc
     after = [gcra.reserve(state, params, 3.0, None) for _ in range(3)]
     interval = 1.0 / (1 - gcra.STEP)
     assert after == pytest.approx([6.6, 6.6 + interval, 6.6 + 2 * interval], rel=1e-3)  # no herd at 6.6
-    # A request sent after the cut that meets a 429 again: a new epoch, a new cut (from the
-    # cut rate: it does not recover within RECOVERY_DELAY_PERIODS).
+    # A request sent after the cut that meets a 429 again: a new epoch, a new cut; the rate did
+    # not recover (RECOVERY_DELAY_PERIODS), so the limit is just below it: a half step.
     assert gcra.on_429(state, params, 7.0, retry_after_s=1.0, slot=after[0]) is True
-    assert state.factor == pytest.approx(1 - 2 * gcra.STEP)
+    assert state.factor == pytest.approx(1 - gcra.STEP - gcra.REFINE_STEP)
     assert state.peak == pytest.approx(1 - gcra.STEP)
+    # Once it has recovered above the cut, a 429 is a whole step again.
+    recovered = gcra.factor_at(state, params, 7.0 + 10.0 * (gcra.RECOVERY_DELAY_PERIODS + 2))
+    assert recovered > state.factor
+    assert gcra.on_429(state, params, 7.0 + 10.0 * (gcra.RECOVERY_DELAY_PERIODS + 2), 1.0, None) is True
+    assert state.factor == pytest.approx(recovered - gcra.STEP)
 
 
 def test_the_rate_recovers_slowly_and_the_burst_comes_back_when_whole():
@@ -288,6 +293,19 @@ def test_every_backend_recovers_as_the_pure_functions_say(
     first, _ = backend.reserve(key, params, None)
     second, _ = backend.reserve(key, params, None)
     assert second - first == pytest.approx(params.interval_s / expected, rel=0.01)
+
+
+def test_every_backend_steps_half_as_far_when_a_429_comes_at_the_cut_rate(
+    backend: Any, request: pytest.FixtureRequest
+):
+    key = f"refine-test-{request.node.name}-{time.time()}"
+    params = Params(limit=11, period_s=1.0, burst=1)
+    assert backend.on_429(key, params, 0.0, None) is True  # from 1.0: a whole step
+    assert backend.on_429(key, params, 0.0, None) is True  # at the cut rate, nothing recovered
+    first, _ = backend.reserve(key, params, None)
+    second, _ = backend.reserve(key, params, None)
+    factor = 1 - gcra.STEP - gcra.REFINE_STEP
+    assert second - first == pytest.approx(params.interval_s / factor, rel=0.01)
 
 
 def test_every_backend_rebooks_slots_booked_before_a_cut(backend: Any, request: pytest.FixtureRequest):

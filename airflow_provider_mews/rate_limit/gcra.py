@@ -20,7 +20,8 @@ applies these two transitions atomically:
     is stale (:func:`must_rebook`), so the 32-64 threads already waiting, in every process, book
     again at the new pace instead of spending 5-10 s of slots at the old one, which would fill
     the server's window again and cost a second cut. 429s of requests already in flight at the
-    cut are honoured but teach nothing new (one cut per epoch, as TCP does).
+    cut are honoured but teach nothing new (one cut per epoch, as TCP does). A 429 at the very
+    rate the last cut set (nothing recovered since) cuts only ``REFINE_STEP``.
 
 Recovery (AIMD's slow increase) is careful because each cut costs ~2 429s (the requests in
 flight): the factor stays where the cut put it for ``RECOVERY_DELAY_PERIODS`` periods, then
@@ -37,6 +38,9 @@ from dataclasses import dataclass
 
 #: Additive decrease of the rate factor per congestion epoch.
 STEP = 0.10
+#: The decrease when the 429 came at the rate the last cut set, before any recovery: the limit
+#: lies just below it (a request sent late under load, a count lagging), so step half as far.
+REFINE_STEP = 0.05
 #: Additive recovery of the rate factor per configured period without a 429.
 RECOVERY_STEP = 0.01
 #: Periods after a cut during which the factor does not recover (the server just said no).
@@ -115,8 +119,10 @@ def on_429(state: State, params: Params, now: float, retry_after_s: float, slot:
     state.tat = max(state.tat, state.hold)
     if slot is not None and slot < state.cut:
         return False  # sent before the last cut: already learned from
-    state.peak = factor_at(state, params, now)
-    state.factor = max(FACTOR_MIN, state.peak - STEP)
+    factor = factor_at(state, params, now)
+    step = REFINE_STEP if state.peak > 0 and factor <= state.factor + 1e-9 else STEP
+    state.peak = factor
+    state.factor = max(FACTOR_MIN, factor - step)
     state.cut = now
     state.tat = state.hold  # the queue restarts at the hold's end, at the new pace
     return True

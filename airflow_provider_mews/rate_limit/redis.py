@@ -18,6 +18,7 @@ from airflow_provider_mews.rate_limit.gcra import (
     PEAK_MARGIN,
     RECOVERY_DELAY_PERIODS,
     RECOVERY_STEP,
+    REFINE_STEP,
     STEP,
     Params,
 )
@@ -78,8 +79,10 @@ else
   tat = math.max(tat, hold)
   result = {'0', ''}
   if slot < 0 or slot >= cut then
+    local step = __STEP__
+    if peak > 0 and f <= factor + 1e-9 then step = __REFINE_STEP__ end
     peak = f
-    factor = math.max(__FACTOR_MIN__, f - __STEP__)
+    factor = math.max(__FACTOR_MIN__, f - step)
     cut = now
     tat = hold
     result = {'1', ''}
@@ -97,6 +100,7 @@ _CONSTANTS = {
     "__PEAK_MARGIN__": repr(PEAK_MARGIN),
     "__PEAK_DECAY__": repr(PEAK_DECAY),
     "__FACTOR_MIN__": repr(FACTOR_MIN),
+    "__REFINE_STEP__": repr(REFINE_STEP),
     "__STEP__": repr(STEP),
     "__TTL__": str(TTL_S),
 }
