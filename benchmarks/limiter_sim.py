@@ -16,6 +16,7 @@ Results: median and worst of 20 seeds, written to ``benchmarks/results/limiter_s
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import heapq
 import math
@@ -35,6 +36,8 @@ class Scheduler(Protocol):
     @property
     def hold(self) -> float: ...
 
+    def stale(self, now: float, booked_at: float) -> bool: ...
+
     def reserve(self, now: float) -> float: ...
 
     def on_429(self, now: float, retry_after_s: float, slot: float) -> None: ...
@@ -49,6 +52,9 @@ class LearningGcra:
     @property
     def hold(self) -> float:
         return self.state.hold
+
+    def stale(self, now: float, booked_at: float) -> bool:
+        return gcra.must_rebook(self.state, now, booked_at)
 
     def reserve(self, now: float) -> float:
         slot = gcra.reserve(self.state, self.params, now, None)
@@ -67,6 +73,9 @@ class SlidingLog:
     def __init__(self, limit: int, window_s: float) -> None:
         self.limit, self.window_s, self.hold = limit, window_s, 0.0
         self.slots: list[float] = []
+
+    def stale(self, now: float, booked_at: float) -> bool:
+        return self.hold > now
 
     def reserve(self, now: float) -> float:
         slot = max(now, self.hold, self.slots[-1] if self.slots else 0.0)
@@ -91,9 +100,12 @@ def simulate(
     window_s: float = 3.0,
     count_delay_s: float = 0.3,
     seed: int = 0,
+    late_s: float = 0.0,
 ) -> tuple[float, int]:
-    """(fraction of the ceiling, 429s) for ``batches`` batches of 1000 rows."""
+    """(fraction of the ceiling, 429s) for ``batches`` batches of 1000 rows; ``late_s``: mean
+    (exponential) delay between a slot and its send, as threads wake late on a loaded machine."""
     rng = random.Random(seed)
+    late = random.Random(seed + 1000)
     counted: list[float] = []
     events: list[tuple[float, int, str, Any]] = []
     order = 0
@@ -115,10 +127,11 @@ def simulate(
                 left -= 1
                 at(t, "ask", ["getAll", "add"] if skip else ["add"])
         elif kind == "ask":
-            at(scheduler.reserve(t), "send", (data, None))
+            slot = scheduler.reserve(t)
+            at(slot + (late.expovariate(1 / late_s) if late_s else 0.0), "send", (data, t))
         elif kind == "send":
-            calls, _ = data
-            if scheduler.hold > t:  # a 429 came while this request waited: book again
+            calls, booked_at = data
+            if scheduler.stale(t, booked_at):  # a 429 came while this request waited: book again
                 at(t, "ask", calls)
                 continue
             arrived = t + rng.uniform(0.0, 0.005)
@@ -144,7 +157,15 @@ def simulate(
     return batches * 1000 / finished / ceiling, answered_429
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="benchmarks.limiter_sim", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument(
+        "--scale-workers", type=int, nargs="*", default=[8, 32, 64],
+        help="worker counts for the scale-out table (200 batches, skip, as benchmarks.scale_out)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    seeds = range(args.seeds)
     strategies: dict[str, Callable[[], Scheduler]] = {
         "before issue 10: sliding window 200 per 30.05 s": lambda: SlidingLog(200, 30.05),
         "provider limiter (learns; connection 200/30)": lambda: LearningGcra(Params(200, 30.0)),
@@ -153,7 +174,7 @@ def main() -> None:
     }
     lines = [
         "Simulated (`python -m benchmarks.limiter_sim`): server 20 requests / 3 s counting 0-300 ms late, "
-        "8 workers, add 1.0 s, getAll 0.05 s, 100 batches of 1000 rows; median (worst) of 20 seeds.",
+        f"8 workers, add 1.0 s, getAll 0.05 s, 100 batches of 1000 rows; median (worst) of {args.seeds} seeds.",
         "",
         '| scheduler | `"add"` fraction of ceiling | 429s | `"skip"` fraction of ceiling | 429s |',
         "|---|---|---|---|---|",
@@ -161,16 +182,47 @@ def main() -> None:
     for name, make in strategies.items():
         cells = []
         for skip in (False, True):
-            runs = [simulate(make(), skip=skip, seed=seed) for seed in range(20)]
-            fractions = [r[0] for r in runs]
-            limited = [r[1] for r in runs]
-            cells.append(f"{statistics.median(fractions):.3f} ({min(fractions):.3f})")
-            cells.append(f"{statistics.mean(limited):.1f} (max {max(limited)})")
+            cells += _cells([simulate(make(), skip=skip, seed=seed) for seed in seeds])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if args.scale_workers:
+        lines += [
+            "",
+            'Many workers on one token (as `benchmarks.scale_out`: 200 batches, `"skip"`, the provider '
+            f"limiter at 200/30); median (worst) of {args.seeds} seeds.",
+            "",
+            "| workers | sends on time: fraction of ceiling | 429s | sends 60 ms late on average "
+            "(a loaded machine) | 429s |",
+            "|---|---|---|---|---|",
+        ]
+        for workers in args.scale_workers:
+            cells = []
+            for late_s in (0.0, 0.06):
+                runs = [
+                    simulate(
+                        LearningGcra(Params(200, 30.0)),
+                        skip=True,
+                        batches=200,
+                        workers=workers,
+                        seed=seed,
+                        late_s=late_s,
+                    )
+                    for seed in seeds
+                ]
+                cells += _cells(runs)
+            lines.append(f"| {workers} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "limiter_sim.md").write_text(text)
     print(text)
+
+
+def _cells(runs: list[tuple[float, int]]) -> list[str]:
+    fractions = [r[0] for r in runs]
+    limited = [r[1] for r in runs]
+    return [
+        f"{statistics.median(fractions):.3f} ({min(fractions):.3f})",
+        f"{statistics.mean(limited):.1f} (max {max(limited)})",
+    ]
 
 
 if __name__ == "__main__":

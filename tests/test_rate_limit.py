@@ -88,17 +88,25 @@ def test_a_429_holds_everyone_then_they_leave_one_by_one_and_the_rate_is_cut_onc
     after = [gcra.reserve(state, params, 3.0, None) for _ in range(3)]
     interval = 1.0 / (1 - gcra.STEP)
     assert after == pytest.approx([6.6, 6.6 + interval, 6.6 + 2 * interval], rel=1e-3)  # no herd at 6.6
-    # A request sent after the cut that meets a 429 again: a new epoch, a new cut.
+    # A request sent after the cut that meets a 429 again: a new epoch, a new cut; the rate did
+    # not recover (RECOVERY_DELAY_PERIODS), so the limit is just below it: a half step.
     assert gcra.on_429(state, params, 7.0, retry_after_s=1.0, slot=after[0]) is True
-    recovered = gcra.RECOVERY_STEP * (7.0 - 2.5) / 10.0
-    assert state.factor == pytest.approx(1 - 2 * gcra.STEP + recovered)
+    assert state.factor == pytest.approx(1 - gcra.STEP - gcra.REFINE_STEP)
+    assert state.peak == pytest.approx(1 - gcra.STEP)
+    # Once it has recovered above the cut, a 429 is a whole step again.
+    recovered = gcra.factor_at(state, params, 7.0 + 10.0 * (gcra.RECOVERY_DELAY_PERIODS + 2))
+    assert recovered > state.factor
+    assert gcra.on_429(state, params, 7.0 + 10.0 * (gcra.RECOVERY_DELAY_PERIODS + 2), 1.0, None) is True
+    assert state.factor == pytest.approx(recovered - gcra.STEP)
 
 
 def test_the_rate_recovers_slowly_and_the_burst_comes_back_when_whole():
     params = Params(limit=10, period_s=10.0, burst=3)
     state = State(factor=0.9, cut=0.0)
+    delay = gcra.RECOVERY_DELAY_PERIODS * 10.0
     assert gcra.factor_at(state, params, 0.0) == pytest.approx(0.9)
-    assert gcra.factor_at(state, params, 50.0) == pytest.approx(0.95)  # RECOVERY_STEP per period
+    assert gcra.factor_at(state, params, delay) == pytest.approx(0.9)  # held after a cut
+    assert gcra.factor_at(state, params, delay + 50.0) == pytest.approx(0.95)  # RECOVERY_STEP per period
     assert gcra.factor_at(state, params, 1000.0) == 1.0
     cut = gcra.reserve(state, params, 5.0, None), gcra.reserve(state, params, 5.0, None)
     assert cut[1] > cut[0]  # burst 1 while the factor is below 1
@@ -108,6 +116,48 @@ def test_the_rate_recovers_slowly_and_the_burst_comes_back_when_whole():
     floor = State(factor=gcra.FACTOR_MIN)
     gcra.on_429(floor, params, 0.0, 1.0, None)
     assert floor.factor == gcra.FACTOR_MIN
+    assert gcra.factor_at(floor, params, 10.0 * (gcra.RECOVERY_DELAY_PERIODS + 1)) >= gcra.FACTOR_MIN
+
+
+def test_a_cut_makes_every_slot_booked_before_it_stale_and_restarts_the_queue_at_the_hold():
+    params = Params(limit=10, period_s=10.0, burst=1)  # 1 s apart
+    state = State()
+    # 8 threads (of any process) booked at 0.0: slots 0..7 s, the queue reaching 8 s.
+    waiting = [gcra.reserve(state, params, 0.0, None) for _ in range(8)]
+    assert waiting[-1] == 7.0
+    assert gcra.on_429(state, params, 0.5, retry_after_s=1.0, slot=waiting[0]) is True
+    # After the hold, the slots booked before the cut are stale, though the hold has passed ...
+    assert gcra.must_rebook(state, 5.0, booked_at=0.0) is True
+    assert gcra.must_rebook(state, 1.0, booked_at=0.6) is True  # ... and during the hold, any slot
+    # ... and booking again starts at the hold's end at the cut pace, not after the old queue.
+    interval = 1.0 / (1 - gcra.STEP)
+    again = [gcra.reserve(state, params, 2.0, None) for _ in range(3)]
+    assert again == pytest.approx([2.0, 2.0 + interval, 2.0 + 2 * interval])
+    assert gcra.must_rebook(state, again[2], booked_at=2.0) is False  # booked after the cut: kept
+    # A 429 of a request in flight at the cut (no new epoch) holds, but keeps the queue.
+    tat = state.tat
+    assert gcra.on_429(state, params, 2.1, retry_after_s=0.5, slot=waiting[0]) is False
+    assert state.tat == tat
+    assert gcra.must_rebook(state, 2.7, booked_at=2.0) is False
+
+
+def test_recovery_stays_below_the_rate_of_the_last_429_and_that_memory_fades():
+    params = Params(limit=10, period_s=10.0, burst=1)
+    state = State(factor=0.8, cut=0.0, peak=0.9)  # a 429 at 0.9 cut the factor to 0.8
+    cap = gcra.PEAK_MARGIN * 0.9
+    # Recovery alone would pass the rate of the 429 (0.9) after 10 periods of recovery; it stops below.
+    long_after = 10.0 * (gcra.RECOVERY_DELAY_PERIODS + 12)
+    assert 0.8 + 12 * gcra.RECOVERY_STEP > 0.9
+    assert gcra.factor_at(state, params, long_after) == pytest.approx(
+        cap + gcra.PEAK_DECAY * long_after / 10.0
+    )
+    assert gcra.factor_at(state, params, long_after) < 0.9
+    # The memory fades: the ceiling rises PEAK_DECAY per period, back to the whole rate.
+    assert gcra.factor_at(state, params, 10.0 * ((1 - cap) / gcra.PEAK_DECAY + 1)) == 1.0
+    # on_429 remembers the factor it cut from.
+    fresh = State()
+    gcra.on_429(fresh, params, 100.0, 1.0, None)
+    assert (fresh.peak, fresh.factor) == (1.0, pytest.approx(1 - gcra.STEP))
 
 
 # -- backends --
@@ -203,6 +253,118 @@ def test_every_backend_paces_holds_and_learns(backend: Any, request: pytest.Fixt
     assert resumed[1] - resumed[0] == pytest.approx(1 / 9 / (1 - gcra.STEP), abs=0.002)  # type: ignore[operator]
     limiter.on_429(0.0, slots[0])  # an old request's 429: honoured, no second cut
     assert limiter.cuts == 1
+
+
+def _seed(backend: Any, key: str, state: State) -> None:
+    """Write a learned state straight into a backend's storage (as an earlier run left it)."""
+    if isinstance(backend, MemoryBackend):
+        backend._states[key] = state
+    elif isinstance(backend, SqliteBackend):
+        backend._connection().execute(
+            "INSERT OR REPLACE INTO gcra (key, tat, hold, factor, cut, used, peak) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, state.tat, state.hold, state.factor, state.cut, time.time(), state.peak),
+        )
+    else:
+        from airflow_provider_mews.rate_limit.redis import KEY_PREFIX
+
+        fields = {
+            "tat": state.tat,
+            "hold": state.hold,
+            "factor": state.factor,
+            "cut": state.cut,
+            "peak": state.peak,
+        }
+        backend.client.hset(KEY_PREFIX + key, mapping={k: repr(v) for k, v in fields.items()})
+
+
+@pytest.mark.parametrize(
+    ("periods_since_cut", "peak"),
+    [(2.0, 0.9), (20.0, 0.9), (20.0, 0.0), (200.0, 0.9)],
+    ids=["held", "capped", "uncapped", "faded"],
+)
+def test_every_backend_recovers_as_the_pure_functions_say(
+    backend: Any, request: pytest.FixtureRequest, periods_since_cut: float, peak: float
+):
+    key = f"recover-test-{request.node.name}-{time.time()}"
+    params = Params(limit=11, period_s=1.0, burst=1)  # 0.1 s apart at factor 1
+    learned = State(factor=0.8, cut=time.time() - periods_since_cut, peak=peak)
+    _seed(backend, key, learned)
+    expected = gcra.factor_at(learned, params, time.time())
+    first, _ = backend.reserve(key, params, None)
+    second, _ = backend.reserve(key, params, None)
+    assert second - first == pytest.approx(params.interval_s / expected, rel=0.01)
+
+
+def test_every_backend_steps_half_as_far_when_a_429_comes_at_the_cut_rate(
+    backend: Any, request: pytest.FixtureRequest
+):
+    key = f"refine-test-{request.node.name}-{time.time()}"
+    params = Params(limit=11, period_s=1.0, burst=1)
+    assert backend.on_429(key, params, 0.0, None) is True  # from 1.0: a whole step
+    assert backend.on_429(key, params, 0.0, None) is True  # at the cut rate, nothing recovered
+    first, _ = backend.reserve(key, params, None)
+    second, _ = backend.reserve(key, params, None)
+    factor = 1 - gcra.STEP - gcra.REFINE_STEP
+    assert second - first == pytest.approx(params.interval_s / factor, rel=0.01)
+
+
+def test_every_backend_rebooks_slots_booked_before_a_cut(backend: Any, request: pytest.FixtureRequest):
+    key = f"rebook-test-{request.node.name}-{time.time()}"
+    params = Params(limit=10, period_s=2.0, burst=1)  # 0.2 s apart
+    booked = [backend.reserve(key, params, None) for _ in range(10)]  # 10 waiters, slots up to 1.8 s ahead
+    booked_at = booked[-1][1]
+    assert backend.stale(key, booked_at) is False
+    assert backend.on_429(key, params, 0.1, booked[0][0]) is True
+    time.sleep(0.15)  # the hold has passed; the cut makes the old slots stale all the same
+    assert backend.hold_remaining(key) == 0.0
+    assert backend.stale(key, booked_at) is True
+    again, now = backend.reserve(key, params, None)
+    assert again - now < 0.05  # the queue restarted at the hold's end, not 1.8 s ahead
+    assert backend.stale(key, now) is False
+    # Through the limiter: a thread waiting on a slot booked before another worker's cut
+    # books again when it wakes (its old slot belonged to the old pace), though the hold is over.
+    bookings: list[float] = []
+
+    class Counting:  # the real backend, counting this thread's bookings
+        describe = backend.describe
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(backend, name)
+
+        def reserve(self, *args: Any) -> Any:
+            booked = backend.reserve(*args)
+            bookings.append(booked[0])
+            return booked
+
+    limiter = TokenLimiter(key, params, Counting())
+    for _ in range(5):
+        backend.reserve(key, params, None)  # other workers' slots: the waiter's is ~1 s ahead
+    waiter_slots: list[float | None] = []
+    waiter = threading.Thread(target=lambda: waiter_slots.append(limiter.acquire()))
+    waiter.start()
+    time.sleep(0.1)
+    assert backend.on_429(key, params, 0.05, None) is True
+    waiter.join(timeout=10)
+    assert len(bookings) == 2, bookings
+    assert waiter_slots == [bookings[1]]
+
+
+def test_a_state_file_of_the_previous_version_gains_the_peak_column(tmp_path: Path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE gcra (key TEXT PRIMARY KEY, tat REAL NOT NULL, hold REAL NOT NULL, "
+            "factor REAL NOT NULL, cut REAL NOT NULL, used REAL NOT NULL)"
+        )
+        conn.execute("INSERT INTO gcra VALUES ('k', 0, 0, 0.9, ?, ?)", (time.time(), time.time()))
+    backend = SqliteBackend(path)
+    params = Params(limit=11, period_s=1.0, burst=1)
+    first, _ = backend.reserve("k", params, None)
+    second, _ = backend.reserve("k", params, None)
+    assert second - first == pytest.approx(params.interval_s / 0.9, rel=0.01)  # the learned factor is kept
+    assert backend.on_429("k", params, 0.0, None) is True
 
 
 def test_the_state_directory_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -8,7 +8,8 @@ on a best-effort sliding window that "can be changed without prior notice". The 
   window's 200 requests leaving in a burst would not;
 * learns from 429s: it always honours ``Retry-After`` (nobody sends before it has passed,
   then callers leave one by one at the pace, never all at once), lowers the rate
-  additively once per congestion epoch and recovers it slowly (AIMD);
+  additively once per congestion epoch (every slot booked before the cut is booked again at
+  the new pace) and recovers it slowly, below the rate at which the last 429 came (AIMD);
 * shares that state per AccessToken (keyed by a hash of the platform address and token, never
   the token) between every thread and every process of the user on the host, in a private
   SQLite file (:mod:`.local`), with no configuration; and between hosts in Redis when the
@@ -62,6 +63,8 @@ class Backend(Protocol):
 
     def hold_remaining(self, key: str) -> float: ...
 
+    def stale(self, key: str, booked_at: float) -> bool: ...
+
 
 class TokenLimiter:
     """The budget of one AccessToken, as seen by this process. Thread-safe; one per token and limit."""
@@ -102,8 +105,9 @@ class TokenLimiter:
             time.sleep(delay)
             with self._lock:
                 self.waited_s += delay
-            # A 429 seen meanwhile (by any worker) holds everyone: book again after the hold.
-            if self._backend_call("hold_remaining") <= 0:
+            # A 429 seen meanwhile (by any worker) holds everyone, and a cut makes every slot
+            # booked before it stale: book again, at the new pace, after the hold.
+            if not self._backend_call("stale", now):
                 return slot
 
     def on_429(self, retry_after_s: float, slot: float | None) -> None:
@@ -124,6 +128,8 @@ class TokenLimiter:
     def _call(self, name: str, *args: Any) -> Any:
         if name == "hold_remaining":
             return self.backend.hold_remaining(self.key)
+        if name == "stale":
+            return self.backend.stale(self.key, *args)
         return getattr(self.backend, name)(self.key, self.params, *args)
 
     def _fall_back(self, exc: BaseException) -> None:

@@ -14,12 +14,22 @@ applies these two transitions atomically:
     once, so waiting threads leave one by one instead of all polling the same instant.
 ``on_429``
     Learn from the server: always hold every caller until ``Retry-After`` has passed, then
-    resume at the pace, one by one (the GCRA queue restarts at the hold's end). The first
-    429 of a congestion epoch (a request that was given its slot after the last cut) lowers
-    ``factor`` additively by ``STEP`` and drops the burst to 1; 429s of requests already in
-    flight at the cut are honoured but teach nothing new (one cut per epoch, as TCP does).
-    ``factor`` recovers slowly, ``RECOVERY_STEP`` per ``period`` without a 429 (AIMD), and
-    the burst comes back once the factor is whole again.
+    resume at the pace, one by one. The first 429 of a congestion epoch (a request that was
+    given its slot after the last cut) lowers ``factor`` additively by ``STEP``, drops the
+    burst to 1 and restarts the GCRA queue at the hold's end: every slot booked before the cut
+    is stale (:func:`must_rebook`), so the 32-64 threads already waiting, in every process, book
+    again at the new pace instead of spending 5-10 s of slots at the old one, which would fill
+    the server's window again and cost a second cut. 429s of requests already in flight at the
+    cut are honoured but teach nothing new (one cut per epoch, as TCP does). A 429 at the very
+    rate the last cut set (nothing recovered since) cuts only ``REFINE_STEP``.
+
+Recovery (AIMD's slow increase) is careful because each cut costs ~2 429s (the requests in
+flight): the factor stays where the cut put it for ``RECOVERY_DELAY_PERIODS`` periods, then
+recovers ``RECOVERY_STEP`` per period, but never above ``PEAK_MARGIN`` times the factor at
+which the last 429 came (``peak``); that memory fades by ``PEAK_DECAY`` per period, so a
+limit that was raised is found again after some minutes. The burst comes back once the
+factor is whole again. The state outlives a task (a day without use), so runs, and mapped
+shards that start later, begin at the learned pace while it lasts.
 """
 
 from __future__ import annotations
@@ -28,8 +38,17 @@ from dataclasses import dataclass
 
 #: Additive decrease of the rate factor per congestion epoch.
 STEP = 0.10
+#: The decrease when the 429 came at the rate the last cut set, before any recovery: the limit
+#: lies just below it (a request sent late under load, a count lagging), so step half as far.
+REFINE_STEP = 0.05
 #: Additive recovery of the rate factor per configured period without a 429.
 RECOVERY_STEP = 0.01
+#: Periods after a cut during which the factor does not recover (the server just said no).
+RECOVERY_DELAY_PERIODS = 4.0
+#: Recovery stops below this share of the factor at which the last 429 came ...
+PEAK_MARGIN = 0.98
+#: ... a ceiling that rises by this much per period (0.02 in 20 periods: forgotten within minutes).
+PEAK_DECAY = 0.001
 #: The factor never goes below this: half the configured rate.
 FACTOR_MIN = 0.5
 #: Requests that may leave back to back before pacing starts (while nothing was learned).
@@ -66,12 +85,16 @@ class State:
     hold: float = 0.0  # nobody sends before this (Retry-After)
     factor: float = 1.0  # learned share of the configured rate, at time ``cut``
     cut: float = 0.0  # when the factor was last lowered
+    peak: float = 0.0  # the factor at which that 429 came (0: none yet)
 
 
 def factor_at(state: State, params: Params, now: float) -> float:
-    """The factor, recovered by RECOVERY_STEP per period since the last cut."""
-    recovered = state.factor + RECOVERY_STEP * max(0.0, now - state.cut) / params.period_s
-    return min(1.0, recovered)
+    """The factor: held after a cut, then recovering, below the (fading) rate of the last 429."""
+    periods = max(0.0, now - state.cut) / params.period_s
+    recovered = state.factor + RECOVERY_STEP * max(0.0, periods - RECOVERY_DELAY_PERIODS)
+    if state.peak > 0:
+        recovered = min(recovered, PEAK_MARGIN * state.peak + PEAK_DECAY * periods)
+    return min(1.0, max(state.factor, recovered))
 
 
 def reserve(state: State, params: Params, now: float, max_wait_s: float | None) -> float | None:
@@ -96,6 +119,15 @@ def on_429(state: State, params: Params, now: float, retry_after_s: float, slot:
     state.tat = max(state.tat, state.hold)
     if slot is not None and slot < state.cut:
         return False  # sent before the last cut: already learned from
-    state.factor = max(FACTOR_MIN, factor_at(state, params, now) - STEP)
+    factor = factor_at(state, params, now)
+    step = REFINE_STEP if state.peak > 0 and factor <= state.factor + 1e-9 else STEP
+    state.peak = factor
+    state.factor = max(FACTOR_MIN, factor - step)
     state.cut = now
+    state.tat = state.hold  # the queue restarts at the hold's end, at the new pace
     return True
+
+
+def must_rebook(state: State, now: float, booked_at: float) -> bool:
+    """Whether a slot booked at ``booked_at`` is stale: a hold lasts, or the pace was cut since."""
+    return now < state.hold or state.cut > booked_at

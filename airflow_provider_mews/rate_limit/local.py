@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from airflow_provider_mews.rate_limit.gcra import Params, State, on_429, reserve
+from airflow_provider_mews.rate_limit.gcra import Params, State, must_rebook, on_429, reserve
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,11 @@ class MemoryBackend:
             state = self._states.get(key)
             return 0.0 if state is None else max(0.0, state.hold - time.time())
 
+    def stale(self, key: str, booked_at: float) -> bool:
+        with self._lock:
+            state = self._states.get(key)
+            return state is not None and must_rebook(state, time.time(), booked_at)
+
 
 def runtime_dir() -> Path:
     """The private per-user directory for the shared state (created 0700, checked to be ours)."""
@@ -85,8 +90,14 @@ class SqliteBackend:
             conn = self._connection()
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS gcra (key TEXT PRIMARY KEY, tat REAL NOT NULL, hold REAL NOT NULL, "
-                "factor REAL NOT NULL, cut REAL NOT NULL, used REAL NOT NULL)"
+                "factor REAL NOT NULL, cut REAL NOT NULL, used REAL NOT NULL, peak REAL NOT NULL DEFAULT 0)"
             )
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(gcra)")}
+            if "peak" not in columns:  # a file written by version 0.x before the recovery cap
+                try:
+                    conn.execute("ALTER TABLE gcra ADD COLUMN peak REAL NOT NULL DEFAULT 0")
+                except sqlite3.OperationalError:  # another process added it meanwhile
+                    pass
             conn.execute("DELETE FROM gcra WHERE used < ?", (time.time() - STALE_S,))
         try:
             self.path.chmod(0o600)
@@ -107,12 +118,15 @@ class SqliteBackend:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 now = time.time()
-                row = conn.execute("SELECT tat, hold, factor, cut FROM gcra WHERE key = ?", (key,)).fetchone()
+                row = conn.execute(
+                    "SELECT tat, hold, factor, cut, peak FROM gcra WHERE key = ?", (key,)
+                ).fetchone()
                 state = State(*row) if row else State()
                 result = change(state, now)  # type: ignore[operator]
                 conn.execute(
-                    "INSERT OR REPLACE INTO gcra VALUES (?, ?, ?, ?, ?, ?)",
-                    (key, state.tat, state.hold, state.factor, state.cut, now),
+                    "INSERT OR REPLACE INTO gcra (key, tat, hold, factor, cut, used, peak) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (key, state.tat, state.hold, state.factor, state.cut, now, state.peak),
                 )
                 conn.execute("COMMIT")
             except BaseException:
@@ -134,3 +148,9 @@ class SqliteBackend:
         with self._lock:
             row = self._connection().execute("SELECT hold FROM gcra WHERE key = ?", (key,)).fetchone()
         return 0.0 if row is None else max(0.0, row[0] - time.time())
+
+    def stale(self, key: str, booked_at: float) -> bool:
+        """Whether a slot booked at ``booked_at`` must be booked again (a hold, or a cut since)."""
+        with self._lock:
+            row = self._connection().execute("SELECT hold, cut FROM gcra WHERE key = ?", (key,)).fetchone()
+        return row is not None and must_rebook(State(hold=row[0], cut=row[1]), time.time(), booked_at)

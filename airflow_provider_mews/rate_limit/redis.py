@@ -12,16 +12,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_provider_mews.rate_limit.gcra import FACTOR_MIN, RECOVERY_STEP, STEP, Params
+from airflow_provider_mews.rate_limit.gcra import (
+    FACTOR_MIN,
+    PEAK_DECAY,
+    PEAK_MARGIN,
+    RECOVERY_DELAY_PERIODS,
+    RECOVERY_STEP,
+    REFINE_STEP,
+    STEP,
+    Params,
+)
 
 KEY_PREFIX = "airflow-provider-mews:gcra:"
 TTL_S = 24 * 3600
 #: Seconds a Redis command may take before the limiter falls back to the local one.
 SOCKET_TIMEOUT_S = 2.0
 
-# KEYS[1] = state hash. ARGV: op ("reserve" | "429" | "hold"), limit-interval (s), burst,
-# period (s), then for reserve: max wait (s, or -1 for none); for 429: retry-after (s), slot (or -1).
-# Mirrors gcra.reserve / gcra.on_429 / gcra.factor_at.
+# KEYS[1] = state hash. ARGV: op ("reserve" | "429" | "hold" | "stale"), limit-interval (s), burst,
+# period (s), then for reserve: max wait (s, or -1 for none); for 429: retry-after (s), slot (or -1);
+# for stale: the time the slot was booked (Redis clock).
+# Mirrors gcra.reserve / gcra.on_429 / gcra.must_rebook / gcra.factor_at.
 _LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -30,15 +40,23 @@ local op = ARGV[1]
 local interval0 = tonumber(ARGV[2])
 local burst0 = tonumber(ARGV[3])
 local period = tonumber(ARGV[4])
-local s = redis.call('HMGET', key, 'tat', 'hold', 'factor', 'cut')
+local s = redis.call('HMGET', key, 'tat', 'hold', 'factor', 'cut', 'peak')
 local tat = tonumber(s[1]) or 0
 local hold = tonumber(s[2]) or 0
 local factor = tonumber(s[3]) or 1
 local cut = tonumber(s[4]) or 0
+local peak = tonumber(s[5]) or 0
 if op == 'hold' then
   return string.format('%.17g', math.max(0, hold - now))
 end
-local f = math.min(1, factor + RECOVERY * math.max(0, now - cut) / period)
+if op == 'stale' then
+  if now < hold or cut > tonumber(ARGV[5]) then return 1 end
+  return 0
+end
+local periods = math.max(0, now - cut) / period
+local f = factor + __RECOVERY_STEP__ * math.max(0, periods - __RECOVERY_DELAY__)
+if peak > 0 then f = math.min(f, __PEAK_MARGIN__ * peak + __PEAK_DECAY__ * periods) end
+f = math.min(1, math.max(factor, f))
 local result
 if op == 'reserve' then
   local max_wait = tonumber(ARGV[5])
@@ -61,22 +79,34 @@ else
   tat = math.max(tat, hold)
   result = {'0', ''}
   if slot < 0 or slot >= cut then
-    factor = math.max(FACTOR_MIN, f - STEP)
+    local step = __STEP__
+    if peak > 0 and f <= factor + 1e-9 then step = __REFINE_STEP__ end
+    peak = f
+    factor = math.max(__FACTOR_MIN__, f - step)
     cut = now
+    tat = hold
     result = {'1', ''}
   end
 end
 redis.call('HSET', key, 'tat', string.format('%.17g', tat), 'hold', string.format('%.17g', hold),
-  'factor', string.format('%.17g', factor), 'cut', string.format('%.17g', cut))
-redis.call('EXPIRE', key, TTL)
+  'factor', string.format('%.17g', factor), 'cut', string.format('%.17g', cut),
+  'peak', string.format('%.17g', peak))
+redis.call('EXPIRE', key, __TTL__)
 return result
 """
-LUA = (
-    _LUA.replace("RECOVERY", repr(RECOVERY_STEP))
-    .replace("FACTOR_MIN", repr(FACTOR_MIN))
-    .replace("STEP", repr(STEP))
-    .replace("TTL", str(TTL_S))
-)
+_CONSTANTS = {
+    "__RECOVERY_STEP__": repr(RECOVERY_STEP),
+    "__RECOVERY_DELAY__": repr(RECOVERY_DELAY_PERIODS),
+    "__PEAK_MARGIN__": repr(PEAK_MARGIN),
+    "__PEAK_DECAY__": repr(PEAK_DECAY),
+    "__FACTOR_MIN__": repr(FACTOR_MIN),
+    "__REFINE_STEP__": repr(REFINE_STEP),
+    "__STEP__": repr(STEP),
+    "__TTL__": str(TTL_S),
+}
+LUA = _LUA
+for _name, _value in _CONSTANTS.items():
+    LUA = LUA.replace(_name, _value)
 
 
 class RedisBackend:
@@ -119,3 +149,6 @@ class RedisBackend:
 
     def hold_remaining(self, key: str) -> float:
         return float(self._run(key, "hold", "0", "1", "1"))
+
+    def stale(self, key: str, booked_at: float) -> bool:
+        return bool(int(self._run(key, "stale", "0", "1", "1", repr(booked_at))))
