@@ -65,7 +65,7 @@ PARSE_CASES = {
     "table_without_sql_conn": (f"{ROWS_ARG}, table='members'", "table/sql need sql_conn_id"),
     "if_exists_unknown": (
         f"{ROWS_ARG}, if_exists='replace'",
-        "if_exists must be 'skip' or 'add', got 'replace'",
+        "if_exists must be 'skip', 'add' or 'update', got 'replace'",
     ),
     "results_table_without_sql_conn": (
         f"{ROWS_ARG}, results_table='results'",
