@@ -1,13 +1,13 @@
 """Conformance, judged by an independent validator: Stoplight Prism, a validating proxy built
 from the OpenAPI description in ``data/mews-connector-openapi.yaml`` (formats asserted: uuid,
 date, date-time, uri), sits between the provider and the sandbox while the example DAGs run
-end to end. Every request the provider sends (add, getAll, configuration/get) and every answer
-the sandbox gives must pass; Prism answers 422 to an invalid request and 500 to an invalid
-answer, and logs both, so one violation is enough to fail the test.
+end to end. Every request the provider sends (add, getAll, configuration/get, update, delete)
+and every answer the sandbox gives must pass; Prism answers 422 to an invalid request and 500
+to an invalid answer, and logs both, so one violation is enough to fail the test.
 
 Prism comes from npm (``bash .ci/prism.sh``, run by ``make test``); without node/npm the test is
-skipped and listed (it fails instead in CI). Operations the provider adds later (update,
-delete) go into the OpenAPI description and OPERATIONS below.
+skipped and listed (it fails instead in CI). An operation the provider starts calling goes into
+the OpenAPI description and OPERATIONS below: the tests fail until Prism has seen it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import textwrap
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +35,13 @@ from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN, 
 from airflow_provider_mews.testing.sample_data import write_sqlite
 
 OPENAPI = Path(__file__).parent / "data" / "mews-connector-openapi.yaml"
-OPERATIONS = ("loyaltyMemberships/add", "loyaltyMemberships/getAll", "configuration/get")
+OPERATIONS = (
+    "loyaltyMemberships/add",
+    "loyaltyMemberships/getAll",
+    "configuration/get",
+    "loyaltyMemberships/update",
+    "loyaltyMemberships/delete",
+)
 PREFIX = "/api/connector/v1/"
 AUTH = {"ClientToken": DEMO_CLIENT_TOKEN, "AccessToken": DEMO_ACCESS_TOKEN, "Client": "conformance 1.0"}
 ITEM = {
@@ -42,6 +50,25 @@ ITEM = {
     "IsPrimary": True,
 }
 ROWS, INVALID = 300, 3
+PROGRAM = ITEM["LoyaltyProgramId"]
+TIERS = ("a1b2c3d4-0000-4000-8000-000000000001", "a1b2c3d4-0000-4000-8000-000000000002")
+SYNC_COLUMNS = (
+    "member_id", "loyalty_membership_id", "account_id", "loyalty_program_id", "is_primary", "state",
+    "membership_number", "points", "expiration_date", "url", "loyalty_tier_id",
+)  # fmt: skip
+SYNC_DAG = """
+import pendulum
+from airflow.sdk import DAG
+
+from airflow_provider_mews.operators.loyalty_memberships import (
+    LoyaltyMembershipAddOperator,
+    LoyaltyMembershipSyncOperator,
+)
+
+with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False):
+    {operator}(task_id="sync", mews_conn_id="mews_default", sql_conn_id="mews_conformance_db",
+               sql="SELECT * FROM members ORDER BY member_id", retries=0, {args})
+"""
 
 
 def _prism_bin() -> str:
@@ -146,6 +173,46 @@ def _post(url: str, operation: str, body: Any) -> requests.Response:
     return requests.post(f"{url}{PREFIX}{operation}", json=body, timeout=60)
 
 
+def test_the_validator_refuses_invalid_update_and_delete_requests(prism, mews_sandbox):
+    """Update and delete are described, wrappers and formats included: Prism refuses before the
+    sandbox sees anything; a valid update and delete pass both ways."""
+    since = prism.mark()
+    [stored], _ = mews_sandbox.add({"LoyaltyMemberships": [ITEM]})
+    mews_sandbox.state.store([stored])
+    mid = stored["Id"]
+    invalid_updates = {
+        "State cleared": {"LoyaltyMembershipId": mid, "State": {"Value": None}},
+        "bare value": {"LoyaltyMembershipId": mid, "Points": 5},
+        "AccountId": {"LoyaltyMembershipId": mid, "AccountId": {"Value": ITEM["AccountId"]}},
+        "date-time": {"LoyaltyMembershipId": mid, "ExpirationDate": {"Value": "2038-01-19T03:14:07Z"}},
+        "long number": {"LoyaltyMembershipId": mid, "ProviderMembershipId": {"Value": "x" * 101}},
+    }
+    for what, item in invalid_updates.items():
+        refused = _post(prism.url, "loyaltyMemberships/update", {**AUTH, "LoyaltyMembershipUpdates": [item]})
+        assert refused.status_code == 422, (what, refused.text)
+    for ids in ([], ["not-a-uuid"]):
+        refused = _post(prism.url, "loyaltyMemberships/delete", {**AUTH, "LoyaltyMembershipIds": ids})
+        assert refused.status_code == 422, (ids, refused.text)
+    assert mews_sandbox.memberships() == [stored]  # nothing reached the sandbox
+    assert len(prism.errors(since)) == len(invalid_updates) + 2, prism.text()[since:]
+
+    since = prism.mark()
+    valid = {
+        "LoyaltyMembershipId": mid,
+        "State": {"Value": "Pending"},
+        "Points": {"Value": None},
+        "ExpirationDate": {"Value": "2030-12-31"},
+        "Url": None,  # a null wrapper keeps the value
+        "LoyaltyTierId": {"Value": TIERS[0]},
+    }
+    fine = _post(prism.url, "loyaltyMemberships/update", {**AUTH, "LoyaltyMembershipUpdates": [valid]})
+    assert fine.status_code == 200, fine.text
+    assert fine.json()["LoyaltyMemberships"][0]["State"] == "Pending"
+    fine = _post(prism.url, "loyaltyMemberships/delete", {**AUTH, "LoyaltyMembershipIds": [mid]})
+    assert fine.status_code == 200 and fine.json() == {}, fine.text
+    assert not prism.errors(since), prism.text()[since:]
+
+
 def test_the_validator_refuses_what_the_description_forbids(prism, mews_sandbox):
     """The validator is really on, for requests and for answers, formats included."""
     since = prism.mark()
@@ -200,6 +267,111 @@ def test_example_dags_pass_the_independent_validator(prism, mews_sandbox, run_da
             "SELECT COUNT(*) FROM loyalty_members WHERE expiration_date IS NOT NULL"
         ).fetchone()[0]
     assert expirations > 0  # the rows carry ExpirationDate (and Url): formats were exercised
+
+    errors = prism.errors(since)
+    assert not errors, "Prism found violations:\n" + "\n".join(errors)
+    seen = prism.operations(since)
+    assert set(OPERATIONS[:3]) <= set(seen), f"not every operation went through Prism: {dict(seen)}"
+
+
+def _seed(sandbox: MewsSandbox, count: int) -> list[dict[str, Any]]:
+    """``count`` memberships stored in the sandbox directly (not through Prism)."""
+    items = [
+        {
+            "AccountId": str(uuid.uuid4()), "LoyaltyProgramId": PROGRAM, "IsPrimary": True,
+            "Code": f"C-{n}", "Points": n, "ExpirationDate": "2030-06-30",
+            "Url": f"https://loyalty.example.com/m/{n}", "LoyaltyTierId": TIERS[n % 2],
+        }
+        for n in range(count)
+    ]  # fmt: skip
+    created, _ = sandbox.add({"LoyaltyMemberships": items})
+    sandbox.state.store(created)
+    return created
+
+
+def _row(n: int, m: dict[str, Any], **changes: Any) -> tuple[Any, ...]:
+    row = {
+        "member_id": n, "loyalty_membership_id": m["Id"], "account_id": m["AccountId"],
+        "loyalty_program_id": m["LoyaltyProgramId"], "is_primary": 1, "state": m["State"],
+        "membership_number": m["MembershipNumber"], "points": m["Points"],
+        "expiration_date": (m["ExpirationDate"] or "")[:10] or None, "url": m["Url"],
+        "loyalty_tier_id": m["LoyaltyTierId"],
+    }  # fmt: skip
+    row.update(changes)
+    return tuple(row[c] for c in SYNC_COLUMNS)
+
+
+def _write_members(db: Path, rows: list[tuple[Any, ...]]) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TABLE IF EXISTS members")
+        conn.execute(f"CREATE TABLE members ({', '.join(SYNC_COLUMNS)})")
+        conn.executemany(f"INSERT INTO members VALUES ({', '.join('?' * len(SYNC_COLUMNS))})", rows)
+
+
+def test_sync_modes_pass_the_independent_validator(prism, mews_sandbox, run_dag, monkeypatch, tmp_path):
+    """An upsert (new, changed and unchanged rows; NULLs that clear fields) and the mirrors with
+    on_missing="cancel" and "delete", through Prism: every update and delete request, and every
+    answer, matches the description."""
+    since = prism.mark()
+    db = tmp_path / "members.db"
+    monkeypatch.setenv("AIRFLOW_CONN_MEWS_DEFAULT", connection_json(prism.url))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MEWS_CONFORMANCE_DB", json.dumps({"conn_type": "sqlite", "host": str(db)})
+    )
+
+    def run(dag_id: str, operator: str, **kwargs: Any) -> dict[str, Any]:
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        dr = run_dag(dag_id, textwrap.dedent(SYNC_DAG).format(dag_id=dag_id, operator=operator, args=args))
+        summary = task_result(dr, "sync")
+        assert dr.state == "success", (summary, prism.errors(since))  # a 422 from Prism fails the task
+        return summary
+
+    from airflow_provider_mews.hooks.mews import MewsConnectorHook
+
+    ok, message = MewsConnectorHook("mews_default").test_connection()  # configuration/get
+    assert ok, message
+    seeded = _seed(mews_sandbox, 30)
+    rows = [_row(n, m) for n, m in enumerate(seeded[:10])]  # unchanged
+    rows += [  # changed: new values (a date, a URL, a state) and NULLs that clear
+        _row(
+            n,
+            m,
+            points=m["Points"] + 100,
+            expiration_date="2031-01-15" if n % 2 else None,
+            url=None if n % 3 == 0 else f"https://loyalty.example.com/v2/{n}",
+            loyalty_tier_id=None if n % 2 else TIERS[0],
+            membership_number=None if n == 10 else m["MembershipNumber"],
+            state="Pending" if n % 4 == 0 else m["State"],
+        )
+        for n, m in enumerate(seeded[10:30], start=10)
+    ]
+    rows += [  # new
+        (30 + i, None, str(uuid.uuid4()), PROGRAM, 0, "New", f"NEW-{i}", 7, "2032-02-29",
+         f"https://loyalty.example.com/new/{i}", TIERS[1])
+        for i in range(5)
+    ]  # fmt: skip
+    _write_members(db, rows)
+    summary = run("conformance_upsert", "LoyaltyMembershipAddOperator", if_exists="update")
+    assert (summary["added"], summary["updated"], summary["unchanged"], summary["rejected"]) == (5, 20, 10, 0)
+    stored = {m["Id"]: m for m in mews_sandbox.memberships()}
+    assert (
+        stored[seeded[11]["Id"]]["LoyaltyTierId"] is None
+        and stored[seeded[12]["Id"]]["ExpirationDate"] is None
+    )
+    assert stored[seeded[10]["Id"]]["MembershipNumber"] is None and stored[seeded[12]["Id"]]["Url"] is None
+
+    # The mirrors: the table loses 3 rows each time; they are canceled, then deleted.
+    kept = [r for r in rows if r[0] not in (0, 1, 2)]
+    _write_members(db, kept)
+    summary = run("conformance_mirror_cancel", "LoyaltyMembershipSyncOperator", loyalty_program_ids=[PROGRAM],
+                  on_missing="cancel", max_removals=3)  # fmt: skip
+    assert summary["canceled"] == 3, summary
+    _write_members(db, [r for r in kept if r[0] not in (3, 4, 5)])
+    summary = run("conformance_mirror_delete", "LoyaltyMembershipSyncOperator", loyalty_program_ids=[PROGRAM],
+                  on_missing="delete", max_removals=6)  # fmt: skip
+    assert summary["deleted"] == 6, summary  # the 3 canceled ones too: they left the table
+    stored = {m["Id"]: m for m in mews_sandbox.memberships()}
+    assert {i for i, m in stored.items() if m["ActivityState"] == "Deleted"} == {m["Id"] for m in seeded[:6]}
 
     errors = prism.errors(since)
     assert not errors, "Prism found violations:\n" + "\n".join(errors)
