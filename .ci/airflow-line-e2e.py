@@ -183,9 +183,6 @@ def dags_test(dag_id: str, env: dict[str, str], artifacts: Path) -> str:
     return text
 
 
-EXTRA_FIELDS = {"client_token", "client", "chain_id", "timeout"}
-
-
 def check_connection_form() -> None:
     """The Mews form as this line's UI builds it: Airflow 2.11's Flask UI from the hook's classmethods
     (through the ProvidersManager), Airflow 3's React UI from the API server's hook metadata (from the
@@ -223,8 +220,10 @@ def check_connection_form() -> None:
     hook = ProvidersManager().hooks.get("mews")
     if hook is None or not hook.connection_testable:
         fail(f"Airflow {LINE} does not register the testable mews connection type: {hook}")
-    if set(widgets) != EXTRA_FIELDS:
-        fail(f"the {LINE} connection form has the extra fields {sorted(widgets)}, not {sorted(EXTRA_FIELDS)}")
+    from airflow_provider_mews.get_provider_info import CONN_FIELDS
+
+    if set(widgets) != set(CONN_FIELDS):
+        fail(f"the {LINE} connection form has the extra fields {sorted(widgets)}, not {sorted(CONN_FIELDS)}")
     if not {"login", "port", "schema"} <= hidden or titles.get("password") != "Access token":
         fail(f"the {LINE} form does not hide/relabel the standard fields: hidden {hidden}, titles {titles}")
     if not secret_ok:
