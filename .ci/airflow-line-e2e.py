@@ -44,14 +44,17 @@ HOMES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "mask_secret": (("airflow.sdk.log", "mask_secret"), ("airflow.utils.log.secrets_masker", "mask_secret")),
 }
-PROVIDER_MODULES = (
-    "airflow_provider_mews.version_compat",
-    "airflow_provider_mews.hooks.mews",
-    "airflow_provider_mews.operators.loyalty_memberships",
-    "airflow_provider_mews.lineage",
-    "airflow_provider_mews.checkpoint",
-    "airflow_provider_mews.get_provider_info",
-)
+
+
+def provider_modules() -> list[str]:
+    """Every module of the provider, version_compat first."""
+    import pkgutil
+
+    import airflow_provider_mews as package
+
+    found = sorted(m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + "."))
+    first = "airflow_provider_mews.version_compat"
+    return [first, *(m for m in found if m != first)]
 
 
 def fail(message: str) -> None:
@@ -67,7 +70,7 @@ def check_imports() -> None:
     print(f"Airflow {airflow.__version__}, Python {sys.version.split()[0]}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        modules = [importlib.import_module(m) for m in PROVIDER_MODULES]
+        modules = [importlib.import_module(m) for m in provider_modules()]
     own = [
         w
         for w in caught
@@ -77,6 +80,7 @@ def check_imports() -> None:
     if own:
         fail("the provider imports deprecated names: " + "; ".join(f"{w.filename}: {w.message}" for w in own))
     compat = modules[0]
+    print(f"ok: the provider's {len(modules)} modules import")
     for name, homes in HOMES.items():
         found = None
         for module_name, attr in homes:
@@ -179,9 +183,6 @@ def dags_test(dag_id: str, env: dict[str, str], artifacts: Path) -> str:
     return text
 
 
-EXTRA_FIELDS = {"client_token", "client", "chain_id", "timeout"}
-
-
 def check_connection_form() -> None:
     """The Mews form as this line's UI builds it: Airflow 2.11's Flask UI from the hook's classmethods
     (through the ProvidersManager), Airflow 3's React UI from the API server's hook metadata (from the
@@ -219,8 +220,10 @@ def check_connection_form() -> None:
     hook = ProvidersManager().hooks.get("mews")
     if hook is None or not hook.connection_testable:
         fail(f"Airflow {LINE} does not register the testable mews connection type: {hook}")
-    if set(widgets) != EXTRA_FIELDS:
-        fail(f"the {LINE} connection form has the extra fields {sorted(widgets)}, not {sorted(EXTRA_FIELDS)}")
+    from airflow_provider_mews.get_provider_info import CONN_FIELDS
+
+    if set(widgets) != set(CONN_FIELDS):
+        fail(f"the {LINE} connection form has the extra fields {sorted(widgets)}, not {sorted(CONN_FIELDS)}")
     if not {"login", "port", "schema"} <= hidden or titles.get("password") != "Access token":
         fail(f"the {LINE} form does not hide/relabel the standard fields: hidden {hidden}, titles {titles}")
     if not secret_ok:

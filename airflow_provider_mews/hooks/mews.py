@@ -292,7 +292,7 @@ class MewsConnectorHook(BaseHook):
     def get_connection_form_widgets(cls) -> dict[str, Any]:
         from flask_appbuilder.fieldwidgets import BS3PasswordFieldWidget, BS3TextFieldWidget
         from flask_babel import lazy_gettext
-        from wtforms import DecimalField, IntegerField, PasswordField, StringField
+        from wtforms import IntegerField, PasswordField, StringField
         from wtforms.validators import NumberRange, Optional, Regexp
 
         return {
@@ -306,9 +306,12 @@ class MewsConnectorHook(BaseHook):
                 widget=BS3TextFieldWidget(),
                 default=DEFAULT_MAX_REQUESTS,
             ),
-            "rate_limit_period": DecimalField(
+            # A StringField: Airflow's providers manager refuses a hook whose form has a DecimalField
+            # (only String/Integer/Password/Boolean), dropping the connection type (.ci/airflow-lines.sh).
+            # settings_from_connection validates the number.
+            "rate_limit_period": StringField(
                 lazy_gettext("Rate limit: period (seconds)"),
-                validators=[Optional(strip_whitespace=True), NumberRange(min=0.001)],
+                validators=[Optional(strip_whitespace=True), Regexp(r"^\s*\d*\.?\d+\s*$")],
                 widget=BS3TextFieldWidget(),
                 default=DEFAULT_PERIOD_S,
             ),
