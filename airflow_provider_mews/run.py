@@ -212,7 +212,9 @@ class MembershipRun:
         if self.tally.due(self.settings.progress_interval_s):
             stats = self.hook.stats
             self.log.info(
-                self.tally.progress_line(self.source.total, stats.rate_limited, stats.rate_limit_wait_s)
+                self.tally.progress_line(
+                    self.source.total, stats.rate_limited, stats.rate_limit_wait_s, stats.limiter_wait_s
+                )
             )
 
     def count_earlier(self, counts: Sequence[int]) -> None:
@@ -270,6 +272,7 @@ class MembershipRun:
         self.summary = tally.summary(
             requests=stats.requests,
             rate_limited=stats.rate_limited,
+            limiter_wait_s=round(stats.limiter_wait_s, 1),
             rate_limit_wait_s=round(stats.rate_limit_wait_s, 1),
             if_exists=self.settings.if_exists,
             results=self.settings.results,

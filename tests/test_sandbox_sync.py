@@ -482,16 +482,3 @@ def test_state_file_keeps_updates_and_deletes(tmp_path):
         assert sb.memberships() == before
         assert [m["Id"] for m in get_all(sb, ActivityStates=["Active"])] == [a["Id"]]
         assert get_all(sb, ActivityStates=["Active"])[0]["Points"] == 9
-
-
-def test_sync_schema_copy_matches_the_shared_contract():
-    """tests/data holds a copy so a lone clone can test; it must stay the published contract."""
-    name = "loyalty-memberships-update-delete.schema.json"
-    here = Path(__file__).resolve()
-    shared = next(
-        (p / "shared" / "mews-api" / name for p in here.parents if (p / "shared" / "mews-api").is_dir()), None
-    )
-    assert shared is not None and shared.exists(), (
-        f"the API contract {name} is expected in a shared/mews-api/ above {here}"
-    )
-    assert json.loads((DATA / name).read_text()) == json.loads(shared.read_text())
