@@ -234,6 +234,12 @@ class MembershipRun:
             self.inflight.discard(future)
             self.settle(future.result())
 
+    def may_have_been_written(self, index: int) -> bool:
+        """Whether an earlier try may have written batch ``index``'s outcomes (so they are
+        replaced, not only inserted); without a checkpoint to say otherwise, assume so."""
+        ck = self.checkpoint
+        return not ck.resumed or ck.maybe_sent(index)
+
     def settle(self, result: BatchResult, may_have_been_written: bool | None = None) -> None:
         """A batch's end: its outcomes written, counted, and (when complete) checkpointed.
 
@@ -241,9 +247,8 @@ class MembershipRun:
         beyond every earlier try's dispatch mark is only inserted (no DELETE to pay). Without a
         checkpoint to say so, assume it may have been written."""
         batch = result.batch
-        ck = self.checkpoint
         if may_have_been_written is None:
-            may_have_been_written = not ck.resumed or ck.maybe_sent(batch.index)
+            may_have_been_written = self.may_have_been_written(batch.index)
         for out in self.outputs:
             out.write(
                 batch.first_row, batch.last_row, result.outcomes, result.rejected, may_have_been_written

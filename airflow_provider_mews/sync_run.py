@@ -155,7 +155,7 @@ class SyncRun(MembershipRun):
             result = SyncBatchResult(result.batch, rejected=list(result.rejected))
         batch = result.batch
         if may_have_been_written is None:
-            may_have_been_written = not self.checkpoint.resumed or self.checkpoint.maybe_sent(batch.index)
+            may_have_been_written = self.may_have_been_written(batch.index)
         for out in self.outputs:
             out.write(
                 batch.first_row, batch.last_row, result.outcomes, result.rejected, may_have_been_written
