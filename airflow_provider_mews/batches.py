@@ -14,8 +14,9 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from itertools import chain
 from typing import Any
 
 from airflow_provider_mews.exceptions import MewsError
@@ -48,11 +49,22 @@ def build_batch(
     index: int, first_row: int, plan: ColumnPlan, rows: Sequence[Sequence[Any]], keep_row_json: bool
 ) -> Batch:
     """Normalize a chunk of source rows (pure: no I/O)."""
-    items: list[dict[str, Any]] = []
-    item_rows: list[int] = []
+    normalized = normalize_many(plan, rows)
+    last_row = first_row + len(rows) - 1
+    if not any(isinstance(item, RowRejected) for item in normalized):  # the usual batch: all valid
+        items: list[dict[str, Any]] = normalized  # type: ignore[assignment]
+        identities = list(
+            chain.from_iterable(
+                (item["AccountId"], item["LoyaltyProgramId"], item.get("Code") or "") for item in items
+            )
+        )
+        item_rows = list(range(first_row, last_row + 1))
+        return Batch(index, first_row, last_row, items, item_rows, [], _fingerprint(identities))
+    items = []
+    item_rows = []
     rejected: list[Rejection] = []
-    identities: list[str] = []  # fingerprint input, hashed once per batch
-    for offset, item in enumerate(normalize_many(plan, rows)):
+    identities = []  # fingerprint input, hashed once per batch
+    for offset, item in enumerate(normalized):
         row_no = first_row + offset
         if isinstance(item, RowRejected):
             values = rows[offset]
@@ -73,34 +85,59 @@ def build_batch(
         items.append(item)
         item_rows.append(row_no)
         identities += (item["AccountId"], item["LoyaltyProgramId"], item.get("Code") or "")
-    fingerprint = hashlib.blake2b("\x1f".join(identities).encode(), digest_size=12).hexdigest()
-    return Batch(index, first_row, first_row + len(rows) - 1, items, item_rows, rejected, fingerprint)
+    return Batch(index, first_row, last_row, items, item_rows, rejected, _fingerprint(identities))
+
+
+def _fingerprint(identities: list[str]) -> str:
+    """The batch's rows, in order, as 24 hex digits (valid rows by identity, rejected by position)."""
+    return hashlib.blake2b("\x1f".join(identities).encode(), digest_size=12).hexdigest()
 
 
 def _row_json(names: Sequence[str], values: Sequence[Any]) -> str:
     return json.dumps(dict(zip(names, values, strict=False)), default=str)[:4000]
 
 
-@dataclass
 class BatchResult:
-    batch: Batch
-    outcomes: list[Outcome] = field(default_factory=list)
-    rejected: list[Rejection] = field(default_factory=list)
-    reconciled: int = 0  # rows found already stored while reconciling
-    error: MewsError | None = None
+    """What became of a batch's rows. Outcomes are kept as groups of item positions and built
+    as :class:`Outcome` rows only when read (an output writes them): a load without outputs
+    pays per batch, not per row."""
+
+    def __init__(self, batch: Batch, rejected: list[Rejection] | None = None) -> None:
+        self.batch = batch
+        self.rejected: list[Rejection] = rejected if rejected is not None else []
+        self.reconciled = 0  # rows found already stored while reconciling
+        self.error: MewsError | None = None
+        self.added = 0
+        self.skipped = 0
+        # (item positions, their Mews Ids or None, outcome) in the order taken
+        self._groups: list[tuple[list[int], Sequence[str | None], str]] = []
+        self._outcomes: list[Outcome] | None = None
+
+    def take(self, positions: list[int], ids: Sequence[str | None], outcome: str) -> None:
+        """Items at ``positions`` (of ``batch.items``) reached ``outcome``; ``ids`` pairs them."""
+        self._groups.append((positions, ids, outcome))
+        self._outcomes = None
+        if outcome == "added":
+            self.added += len(positions)
+        else:
+            self.skipped += len(positions)
 
     @property
-    def added(self) -> int:
-        return sum(1 for o in self.outcomes if o.outcome == "added")
-
-    @property
-    def skipped(self) -> int:
-        return sum(1 for o in self.outcomes if o.outcome == "skipped_existing")
+    def outcomes(self) -> list[Outcome]:
+        if self._outcomes is None:
+            items, rows = self.batch.items, self.batch.item_rows
+            self._outcomes = [
+                Outcome(rows[p], item["AccountId"], item["LoyaltyProgramId"], item.get("Code"), mid, outcome)
+                for positions, ids, outcome in self._groups
+                for p, mid in zip(positions, ids, strict=True)
+                for item in (items[p],)
+            ]
+        return self._outcomes
 
     @property
     def unfinished(self) -> int:
         """Rows not taken to an end because the run is stopping or Mews failed."""
-        return self.batch.size - len(self.outcomes) - len(self.rejected)
+        return self.batch.size - self.added - self.skipped - len(self.rejected)
 
     @property
     def complete(self) -> bool:
@@ -191,8 +228,7 @@ class BatchSender:
                 item = batch.items[pos]
                 key = (item["AccountId"], item["LoyaltyProgramId"])
                 if key in self._in_flight:
-                    row = batch.item_rows[pos]
-                    result.outcomes.append(Outcome(row, *key, item.get("Code"), None, "skipped_existing"))
+                    result.take([pos], [None], "skipped_existing")
                 else:
                     self._in_flight.add(key)
                     claimed.append(key)
@@ -204,19 +240,15 @@ class BatchSender:
 
     @staticmethod
     def _take(result: BatchResult, pending: list[int], found: dict[int, str], outcome: str) -> None:
+        """Positions in ``found`` (position -> Mews Id) reached ``outcome`` and leave ``pending``."""
         if not found:
             return
-        items, rows = result.batch.items, result.batch.item_rows
-        result.outcomes.extend(
-            [
-                Outcome(
-                    rows[pos], item["AccountId"], item["LoyaltyProgramId"], item.get("Code"), mid, outcome
-                )
-                for pos, mid in sorted(found.items())
-                for item in (items[pos],)
-            ]
-        )
-        pending[:] = [p for p in pending if p not in found]
+        positions = sorted(found)
+        result.take(positions, [found[p] for p in positions], outcome)
+        if len(found) == len(pending):
+            pending.clear()  # all of them (the usual add): no per-row filtering
+        else:
+            pending[:] = [p for p in pending if p not in found]
 
     @staticmethod
     def _drop_duplicates(batch: Batch, pending: list[int], result: BatchResult) -> list[int]:
@@ -227,9 +259,7 @@ class BatchSender:
             item = batch.items[pos]
             key = (item["AccountId"], item["LoyaltyProgramId"])
             if key in first:
-                result.outcomes.append(
-                    Outcome(batch.item_rows[pos], key[0], key[1], item.get("Code"), None, "skipped_existing")
-                )
+                result.take([pos], [None], "skipped_existing")
             else:
                 first[key] = pos
                 keep.append(pos)
@@ -286,7 +316,7 @@ class BatchSender:
                 if not remaining:
                     return None
                 continue
-            self._take(result, remaining, dict(zip(remaining, created, strict=True)), "added")
+            result.take(remaining, created, "added")  # the ids in the order sent
             return None
         raise MewsError(
             f"a batch stayed in doubt after {MAX_DOUBT_ROUNDS} reconcile rounds, the last answer being: "

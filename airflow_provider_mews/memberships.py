@@ -157,11 +157,16 @@ def normalize(plan: ColumnPlan, values: Sequence[Any]) -> dict[str, Any]:
 _ABSENT: Any = object()  # None or "": the field is left out
 _SLOW: Any = object()  # not certain on the fast path: the row goes through ``normalize``
 _NONE_TYPE = type(None)
-_UUID_CHARS = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-#: UUIDs joined by newlines: one regex call checks a whole column.
-_UUID_LINES_RE = re.compile(rf"(?:{_UUID_CHARS}\n)*{_UUID_CHARS}")
 _URL_LINES_RE = re.compile(rf"(?:{_URL_RE.pattern}\n)*{_URL_RE.pattern}")
 _UUID_FIELDS = frozenset({"AccountId", "LoyaltyProgramId", "LoyaltyTierId"})
+#: Lowercase hex digits to "x", uppercase ones to "X", "-" kept, any other byte to "?": a column
+#: of UUIDs, concatenated and translated, is this shape repeated (one C call per column).
+_UUID_SHAPE_TABLE = bytes(
+    ord("x") if chr(b) in "0123456789abcdef" else ord("X") if chr(b) in "ABCDEF" else
+    ord("-") if b == ord("-") else ord("?")
+    for b in range(256)
+)  # fmt: skip
+_UUID_SHAPE = b"xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
 
 
 def normalize_many(plan: ColumnPlan, rows: Sequence[Sequence[Any]]) -> list[dict[str, Any] | RowRejected]:
@@ -225,9 +230,9 @@ def _column(field: str, fn: Callable[[Any], Any], column: Sequence[Any]) -> tupl
     types = set(map(type, column))
     if types == {str}:
         if field in _UUID_FIELDS and len(column) > 8:
-            joined = "\n".join(column)
-            if _UUID_LINES_RE.fullmatch(joined) and joined.count("\n") == len(column) - 1:
-                return (column if joined.islower() else joined.lower().split("\n")), False, False
+            uuids = _uuid_column(column)
+            if uuids is not None:
+                return uuids, False, False
         elif field == "Code":
             if "".join(column).isascii() and max(map(len, column)) <= CODE_MAX and "" not in column:
                 return column, False, False
@@ -252,6 +257,23 @@ def _column(field: str, fn: Callable[[Any], Any], column: Sequence[Any]) -> tupl
     else:
         out = results = [_one(fn, v) for v in column]
     return out, any(r is _ABSENT for r in results), any(r is _SLOW for r in results)
+
+
+def _uuid_column(column: Sequence[str]) -> Sequence[str] | None:
+    """The column in lowercase when every string is a UUID in its 8-4-4-4-12 hex form
+    (``_UUID_RE``); None when any is not (those rows take the per-value path)."""
+    if set(map(len, column)) != {36}:
+        return None
+    joined = "".join(column)
+    if not joined.isascii():
+        return None
+    shape = joined.encode().translate(_UUID_SHAPE_TABLE)
+    expected = _UUID_SHAPE * len(column)
+    if shape == expected:
+        return column
+    if shape.replace(b"X", b"x") == expected:
+        return [v.lower() for v in column]
+    return None
 
 
 def _one(fn: Callable[[Any], Any], value: Any) -> Any:

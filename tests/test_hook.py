@@ -559,3 +559,72 @@ def test_add_ids_only_refuses_an_answer_out_of_order(make_hook, mews_sandbox, mo
     with pytest.raises(MewsResponseError, match="not come back in the order sent") as caught:
         hook.add_loyalty_memberships(items(3), ids_only=True)
     assert caught.value.may_have_been_processed is True
+
+
+# -- the environment's proxy settings --
+
+
+class _ForwardingProxy:
+    """A plain HTTP forward proxy on loopback: records each request line, relays it to the sandbox."""
+
+    def __init__(self, sandbox_url: str) -> None:
+        import http.server
+        import urllib.parse
+        import urllib.request
+
+        self.request_lines: list[str] = []
+        proxy = self
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # not itself again
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                proxy.request_lines.append(self.requestline)
+                path = urllib.parse.urlsplit(self.path).path
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = urllib.request.Request(
+                    sandbox_url + path, data=body, headers={"Content-Type": "application/json"}, method="POST"
+                )
+                with direct.open(request, timeout=30) as answer:
+                    data = answer.read()
+                    status = answer.status
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_environments_proxy_and_no_proxy_are_honoured(make_hook, mews_sandbox, monkeypatch):
+    """HTTP(S)_PROXY and NO_PROXY as requests reads them (read once per hook, not per request):
+    a host only the proxy can reach works through it; NO_PROXY sends straight to the host."""
+    proxy = _ForwardingProxy(mews_sandbox.url)
+    try:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        hook = make_hook(
+            conn={"url": "http://mews-via-proxy.invalid"}
+        )  # resolvable by no DNS: only by the proxy
+        assert hook.add_loyalty_memberships(items(2), ids_only=True)
+        assert hook.call(CONFIG)["Enterprise"]["Name"] == "Mews Sandbox Hotel"
+        assert proxy.request_lines == [
+            f"POST http://mews-via-proxy.invalid/api/connector/v1/{ADD} HTTP/1.1",
+            f"POST http://mews-via-proxy.invalid/api/connector/v1/{CONFIG} HTTP/1.1",
+        ]
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        direct = make_hook(conn={"conn_id": "mews_direct"})
+        assert direct.call(CONFIG)["Enterprise"]["Name"] == "Mews Sandbox Hotel"
+        assert len(proxy.request_lines) == 2  # not through the proxy
+    finally:
+        proxy.close()

@@ -338,6 +338,10 @@ def test_a_batch_normalizes_exactly_as_its_rows_on_every_fast_path(size):
         ("account_id", "not-a-uuid"),
         ("account_id", None),
         ("account_id", "3FA85F64-5717-4562-B3FC-2C963F66AFA6\n3fa85f64-5717-4562-b3fc-2c963f66afa6"),
+        ("account_id", "3fa85f64-5717-4562-b3fc-2c963f66afag"),
+        ("account_id", "3fa85f64x5717-4562-b3fc-2c963f66afa6"),
+        ("account_id", "\uff13fa85f64-5717-4562-b3fc-2c963f66afa6"),
+        ("account_id", "3fa85f64-5717-4562-b3fc-2c963f66afa"),
         ("loyalty_program_id", ""),
         ("is_primary", "maybe"),
         ("is_primary", True),
@@ -367,3 +371,18 @@ def test_a_batch_with_one_odd_value_normalizes_exactly_as_its_rows(column, value
     rows[17][sample_data.COLUMNS.index(column)] = value
     got = [_exact(r) for r in normalize_many(plan, [tuple(r) for r in rows])]
     assert got == _per_row(plan, rows)
+
+
+def test_a_uuid_split_across_two_rows_is_not_taken_for_two_uuids():
+    """The column check concatenates the UUIDs: one 35 and one 37 characters long still join into
+    valid UUIDs, yet both rows are rejected, as ``normalize`` rejects them."""
+    from airflow_provider_mews.memberships import normalize_many
+    from airflow_provider_mews.testing import sample_data
+
+    plan = plan_columns(sample_data.COLUMNS, {"tier_id": "LoyaltyTierId"})
+    rows = [list(r) for r in sample_data.members(20)]
+    col = sample_data.COLUMNS.index("account_id")
+    rows[5][col], rows[6][col] = rows[5][col][:-1], rows[5][col][-1] + rows[6][col]
+    got = [_exact(r) for r in normalize_many(plan, [tuple(r) for r in rows])]
+    assert got == _per_row(plan, rows)
+    assert [g[1] for g in got if g[0] == "rejected"] == ["AccountId", "AccountId"]

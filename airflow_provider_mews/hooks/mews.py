@@ -352,6 +352,14 @@ class MewsConnectorHook(BaseHook):
         session.headers.update(
             {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": DEFAULT_CLIENT}
         )
+        # Proxies (HTTPS_PROXY, NO_PROXY), the CA bundle (REQUESTS_CA_BUNDLE) and a client cert come
+        # from the environment as requests reads them, once for the one host this hook calls, instead
+        # of on every request (a per-request cost of a bulk load).
+        env = session.merge_environment_settings(self.settings.base_url + API_PATH, {}, None, None, None)
+        session.proxies.update(env["proxies"])
+        session.verify = env["verify"]
+        session.cert = env["cert"]
+        session.trust_env = False
         return session
 
     @cached_property
@@ -597,7 +605,14 @@ class MewsConnectorHook(BaseHook):
                 status=200,
                 operation=operation,
             )
-        ids: list[str] = []
+        ids: list[Any]
+        if typed:
+            ids = [item.Id for item in created]
+            if [item.AccountId for item in created] == [m["AccountId"] for m in memberships] and all(
+                type(mid) is str for mid in ids
+            ):
+                return ids if ids_only else created  # paired in the order sent (the usual answer)
+        ids = []
         for sent, item in zip(memberships, created, strict=True):
             if typed:
                 mid, account = item.Id, item.AccountId
