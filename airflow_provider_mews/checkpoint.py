@@ -40,8 +40,16 @@ from typing import Any
 
 KEY = "mews_loyalty_checkpoint"
 VERSION = 2
-#: Batches reserved per write of the dispatch mark: one state write per this many batches.
+#: Batches reserved per write of the dispatch mark, at least: one state write per this many batches.
 RESERVE = 16
+#: ... or as many batches as the run dispatches in this many seconds, when it is faster: a state
+#: write costs ~10 ms of task CPU through the execution API, so writes are kept a few per 10 s at
+#: any speed. A retry reconciles (one getAll each) the reserved batches that were never sent.
+RESERVE_S = 5.0
+#: ... but never more than this many: what a retry may have to reconcile for nothing stays bounded.
+MAX_RESERVE = 256
+#: Seconds between writes of the progress (the watermark) when nothing forces one.
+FLUSH_EVERY_S = 5.0
 #: Hex digits of a batch fingerprint kept in the record and folded into ``prefix`` (64 bits).
 FINGERPRINT_HEX = 16
 #: Most batches ever finished beyond the watermark (the record's only part that varies in size).
@@ -112,6 +120,7 @@ class Checkpoint:
     _store: StateStore | None = None
     _dirty: bool = False
     _saved_at: float = 0.0
+    _reserved: tuple[int, float] | None = None  # (batch index, monotonic time) of the last reserve
 
     @classmethod
     def start(
@@ -201,7 +210,14 @@ class Checkpoint:
     def reserve(self, index: int) -> None:
         """Must be called before batch ``index`` is sent: the mark is written ahead."""
         if index >= self.dispatched:
-            self.dispatched = index + RESERVE
+            now = time.monotonic()
+            ahead = RESERVE
+            if self._reserved is not None:
+                since_index, since_at = self._reserved
+                pace = (index - since_index) / max(now - since_at, 1e-3)  # batches per second
+                ahead = max(RESERVE, min(int(pace * RESERVE_S), MAX_RESERVE))
+            self._reserved = (index, now)
+            self.dispatched = index + ahead
             self.flush(force=True)
 
     def mark_done(self, index: int, fingerprint: str, *counts: int) -> None:
@@ -233,7 +249,7 @@ class Checkpoint:
             "beyond": [[i, *entry] for i, entry in sorted(self.beyond.items())],
         }
 
-    def flush(self, force: bool = False, every_s: float = 2.0) -> None:
+    def flush(self, force: bool = False, every_s: float = FLUSH_EVERY_S) -> None:
         if self._store is None or not self._store.available:
             return
         now = time.monotonic()

@@ -50,7 +50,9 @@ class DictStore:
         self.values.pop(key, None)
 
 
-def simulate(checkpoint: Checkpoint, batches: int, in_flight: int, seed: int = 1) -> None:
+def simulate(
+    checkpoint: Checkpoint, batches: int, in_flight: int, seed: int = 1, write_each: bool = False
+) -> None:
     """Batches dispatched in order, ``in_flight`` at most and within the checkpoint's window
     (as :class:`MembershipRun` does), finishing in random order."""
     rng = random.Random(seed)
@@ -63,6 +65,8 @@ def simulate(checkpoint: Checkpoint, batches: int, in_flight: int, seed: int = 1
             next_index += 1
         done = pending.pop(rng.randrange(len(pending)))
         checkpoint.mark_done(done, f"{done:024x}", 1000, 0, 0)
+        if write_each:
+            checkpoint.flush(force=True)  # the record as it would be written at this point
         assert len(checkpoint.beyond) < checkpoint.window
     checkpoint.flush(force=True)  # as the run does when it ends
 
@@ -71,18 +75,53 @@ def simulate(checkpoint: Checkpoint, batches: int, in_flight: int, seed: int = 1
 def test_the_record_stays_under_4_kb_and_costs_the_same_at_batch_10_and_100_000(in_flight):
     store = DictStore()
     checkpoint = Checkpoint.start(StateStore(store), "2026-01-01T00:00:00+00:00", 1000, in_flight)
-    simulate(checkpoint, 100_000, in_flight)
-    sizes = [size for size, _ in store.writes]  # one forced write per 16 batches reserved
-    assert len(sizes) > 100_000 // 16
+    simulate(checkpoint, 100_000, in_flight, write_each=True)
+    sizes = [size for size, _ in store.writes]  # the record after every batch
+    assert len(sizes) > 100_000
     assert max(sizes) < 4096, max(sizes)
     # Constant cost: the largest write at the end is the largest at the start (batches 10 to
     # 1 000) but for the extra digits of larger batch numbers and counts (at most 3 more per number).
-    early, late = max(sizes[1:64]), max(sizes[-64:])
+    early, late = max(sizes[1:1000]), max(sizes[-1000:])
     assert late - early <= 3 * (checkpoint.window + 4), (early, late)
     saved = store.values[KEY]
     assert saved["upto"] == 100_000 and saved["counts"] == [100_000_000, 0, 0] and saved["beyond"] == []
     # The store's default retention: no retention= (never NEVER_EXPIRE).
     assert all(kwargs == {} for _, kwargs in store.writes)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("batches_per_s", [0.5, 6.67, 60.0, 5000.0])
+def test_state_writes_are_a_few_per_reserve_period_at_any_pace_and_the_mark_stays_close(
+    batches_per_s, monkeypatch
+):
+    """A state write costs the task ~10 ms through the execution API: at a fast pace the dispatch
+    mark is written ahead by RESERVE_S seconds of batches (16 at least, MAX_RESERVE at most), so
+    the writes stay a few per RESERVE_S; the mark never runs further ahead of the batches sent
+    than that (what a retry reconciles for nothing)."""
+    from airflow_provider_mews import checkpoint as module
+
+    clock = FakeClock()
+    monkeypatch.setattr(module.time, "monotonic", clock)
+    store = DictStore()
+    checkpoint = Checkpoint.start(StateStore(store), "2026-01-01T00:00:00+00:00", 1000, 8)
+    batches = 3000 if batches_per_s >= 60 else 200
+    for index in range(batches):
+        checkpoint.reserve(index)
+        assert checkpoint.dispatched - index <= 256  # MAX_RESERVE: a retry reconciles at most that
+        checkpoint.mark_done(index, f"{index:024x}", 1000, 0, 0)
+        clock.now += 1 / batches_per_s
+    seconds = batches / batches_per_s
+    # progress every FLUSH_EVERY_S, plus a reserve at most every RESERVE batches
+    assert len(store.writes) <= seconds / module.FLUSH_EVERY_S + batches / module.RESERVE + 4
+    if batches_per_s >= 60:
+        assert len(store.writes) < batches / module.RESERVE / 2  # fewer than one per 16 batches
 
 
 def test_the_record_is_cleared_on_success():

@@ -7,6 +7,7 @@ whole process tree. Batches of 1000, ``if_exists="add"``; with MEWS_BENCH_OUTPUT
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -21,14 +22,15 @@ except ImportError:  # Airflow 2.11
 
 ROWS = int(os.environ.get("MEWS_BENCH_ROWS", "1000"))
 #: Where to write the process CPU (all threads) at the task's start and end: ``airflow dags test``
-#: runs the task in its own process on Airflow 3.3, so this is the task's CPU, start-up excluded.
+#: runs the task in its own process on Airflow 3.3, so this is the task's CPU, start-up excluded;
+#: the thread time is the task's own thread (pre/post_execute run in the thread of execute()).
 CPU_FILE = os.environ.get("MEWS_BENCH_CPU_FILE")
 
 
 def _mark(context: Any, result: Any = None) -> None:
     if CPU_FILE:
         with open(CPU_FILE, "a", encoding="utf-8") as fh:
-            fh.write(f"{os.getpid()} {time.process_time()}\n")
+            fh.write(f"{os.getpid()} {time.process_time()} {time.thread_time()} {threading.active_count()}\n")
 
 
 OUTPUTS = os.environ.get("MEWS_BENCH_OUTPUTS", "0") == "1"
