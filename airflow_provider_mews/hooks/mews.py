@@ -282,6 +282,7 @@ class MewsConnectorHook(BaseHook):
         self.pool_size = pool_size
         self.stats = CallStats()
         self._settings: MewsSettings | None = None
+        self._templates: dict[str, requests.PreparedRequest] = {}
 
     def __repr__(self) -> str:
         return f"MewsConnectorHook(mews_conn_id={self.mews_conn_id!r})"
@@ -390,6 +391,17 @@ class MewsConnectorHook(BaseHook):
         if "session" in self.__dict__:
             self.session.close()
             del self.__dict__["session"]
+        self._templates.clear()
+
+    def _request(self, url: str, body: bytes) -> requests.PreparedRequest:
+        """A POST of ``body`` to ``url``: a copy of the operation's prepared request (the session's
+        headers merged once) with this body; ``session.post`` would merge them again per call."""
+        template = self._templates.get(url)
+        if template is None:
+            template = self._templates[url] = self.session.prepare_request(requests.Request("POST", url))
+        request = template.copy()
+        request.prepare_body(body, None)
+        return request
 
     # -- calls --
 
@@ -429,8 +441,8 @@ class MewsConnectorHook(BaseHook):
             self.stats.add(requests=1, limiter_wait_s=waited)
             sent_at = time.monotonic()
             try:
-                response = self.session.post(
-                    url, data=data, timeout=(CONNECT_TIMEOUT_S, s.timeout_s), stream=True
+                response = self.session.send(
+                    self._request(url, data), timeout=(CONNECT_TIMEOUT_S, s.timeout_s), stream=True
                 )
                 complete = _read_body(response, sent_at + s.timeout_s)
             except requests.RequestException as exc:
@@ -608,9 +620,8 @@ class MewsConnectorHook(BaseHook):
         ids: list[Any]
         if typed:
             ids = [item.Id for item in created]
-            if [item.AccountId for item in created] == [m["AccountId"] for m in memberships] and all(
-                type(mid) is str for mid in ids
-            ):
+            accounts = [item.AccountId for item in created]
+            if accounts == [m["AccountId"] for m in memberships] and set(map(type, ids)) == {str}:
                 return ids if ids_only else created  # paired in the order sent (the usual answer)
         ids = []
         for sent, item in zip(memberships, created, strict=True):
