@@ -42,10 +42,14 @@ CODE_MAX = 255
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 #: An absolute URL as RFC 3986 (the schema's ``format: uri``) allows it: scheme, "//" and a host,
 #: then only URI characters, "%" only as a %XX escape. Checked without ``urlsplit``, which costs
-#: more than all other fields of a row together.
-_URI_PART = r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*"
+#: more than all other fields of a row together. Each "(?:[chars]|%XX)*" is written unrolled,
+#: "[chars]*(?:%XX[chars]*)*": the same strings, matched a run of characters per step.
+_PCT = r"%[0-9A-Fa-f]{2}"
+_HOST_CHARS = r"[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]]"
+_PART_CHARS = r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?]"
+_URI_PART = rf"{_PART_CHARS}*(?:{_PCT}{_PART_CHARS}*)*"
 _URL_RE = re.compile(
-    rf"[A-Za-z][A-Za-z0-9+.\-]*://(?:[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]]|%[0-9A-Fa-f]{{2}})+"
+    rf"[A-Za-z][A-Za-z0-9+.\-]*://(?:{_HOST_CHARS}|{_PCT}){_HOST_CHARS}*(?:{_PCT}{_HOST_CHARS}*)*"
     rf"(?:[/?]{_URI_PART})?(?:#{_URI_PART})?"
 )
 #: Every ASCII character: ``quote`` with these safe percent-encodes only non-ASCII ones.

@@ -386,3 +386,44 @@ def test_a_uuid_split_across_two_rows_is_not_taken_for_two_uuids():
     got = [_exact(r) for r in normalize_many(plan, [tuple(r) for r in rows])]
     assert got == _per_row(plan, rows)
     assert [g[1] for g in got if g[0] == "rejected"] == ["AccountId", "AccountId"]
+
+
+def test_the_unrolled_url_pattern_accepts_exactly_the_rfc_3986_alternation():
+    """``_URL_RE`` is written unrolled for speed; it must accept exactly the strings of the plain
+    "(?:[chars]|%XX)*" form of the same grammar (kept here as the reference)."""
+    import random
+    import re
+
+    from airflow_provider_mews.memberships import _URL_RE
+
+    part = r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*"
+    reference = re.compile(
+        rf"[A-Za-z][A-Za-z0-9+.\-]*://(?:[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]]|%[0-9A-Fa-f]{{2}})+"
+        rf"(?:[/?]{part})?(?:#{part})?"
+    )
+    rng = random.Random(3)
+    pieces = [
+        "https://",
+        "h://",
+        "%2F",
+        "%4",
+        "%",
+        "#",
+        "?",
+        "/",
+        "a",
+        "x.y",
+        "[::1]",
+        "@",
+        " ",
+        "é",
+        '"',
+        "9",
+    ]
+    accepted = 0
+    for _ in range(50_000):
+        text = rng.choice(["", "https://"]) + "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        expected = reference.fullmatch(text) is not None
+        assert (_URL_RE.fullmatch(text) is not None) == expected, text
+        accepted += expected
+    assert 2_000 < accepted < 48_000  # both kinds were met
