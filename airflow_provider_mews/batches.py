@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from itertools import chain
 from typing import Any
 
 from airflow_provider_mews.exceptions import MewsError
@@ -53,11 +52,10 @@ def build_batch(
     last_row = first_row + len(rows) - 1
     if not any(isinstance(item, RowRejected) for item in normalized):  # the usual batch: all valid
         items: list[dict[str, Any]] = normalized  # type: ignore[assignment]
-        identities = list(
-            chain.from_iterable(
-                (item["AccountId"], item["LoyaltyProgramId"], item.get("Code") or "") for item in items
-            )
-        )
+        identities: list[str] = [""] * (3 * len(items))  # (account, program, code) per item, as below
+        identities[0::3] = [item["AccountId"] for item in items]
+        identities[1::3] = [item["LoyaltyProgramId"] for item in items]
+        identities[2::3] = [item.get("Code") or "" for item in items]
         item_rows = list(range(first_row, last_row + 1))
         return Batch(index, first_row, last_row, items, item_rows, [], _fingerprint(identities))
     items = []
