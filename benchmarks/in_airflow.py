@@ -161,27 +161,50 @@ class Runner:
         }
 
 
-def measure(runner: Runner, sizes: list[int], base_rows: int, base_repeats: int = 2) -> dict[str, Any]:
+def measure(
+    runner: Runner, sizes: list[int], base_rows: int, base_repeats: int = 2, repeats: int = 1
+) -> dict[str, Any]:
+    """Each size ``repeats`` times (rounds over all sizes, so the machine's load spreads over
+    every size alike); per size the median and the minimum of the runs. The minimum is the
+    figure least disturbed by other work on the machine; the spread over sizes is taken on it."""
     base = [runner.run(base_rows) for _ in range(base_repeats)]
     base_cpu = statistics.median(r["cpu_s"] for r in base)
+    base_sys = statistics.median(r["sys_s"] for r in base)
     cpus = ", ".join(f"{r['cpu_s']:.2f}" for r in base)
     log(f"base run {base_rows} rows: {cpus} s CPU")
-    out: dict[str, Any] = {"base_rows": base_rows, "base_cpu_s": base_cpu, "base_runs": base, "sizes": {}}
-    for rows in sizes:
-        result = runner.run(rows)
-        result["us_per_row"] = (result["cpu_s"] - base_cpu) / (rows - base_rows) * 1e6
-        if result["task_cpu_s"] is not None:
-            result["task_us_per_row"] = result["task_cpu_s"] / rows * 1e6
-        if result["task_main_thread_cpu_s"] is not None:
-            result["task_main_thread_us_per_row"] = result["task_main_thread_cpu_s"] / rows * 1e6
-        result["sys_us_per_row"] = (
-            (result["sys_s"] - statistics.median(r["sys_s"] for r in base)) / (rows - base_rows) * 1e6
-        )
-        out["sizes"][str(rows)] = result
-        log(f"{rows:,} rows: {result['cpu_s']:.1f} s CPU, {result['wall_s']:.1f} s wall, "
-            f"{result['us_per_row']:.2f} us/row in Airflow ({result['sys_us_per_row']:.2f} of it sys); "
-            f"task start to end: {result.get('task_us_per_row', float('nan')):.2f} us/row, "
-            f"{result.get('task_main_thread_us_per_row', float('nan')):.2f} of it in the task's thread")  # fmt: skip
+    out: dict[str, Any] = {
+        "base_rows": base_rows,
+        "base_cpu_s": base_cpu,
+        "base_runs": base,
+        "repeats": repeats,
+        "sizes": {},
+    }
+    runs: dict[int, list[dict[str, Any]]] = {rows: [] for rows in sizes}
+    for round_no in range(1, repeats + 1):
+        for rows in sizes:
+            result = runner.run(rows)
+            result["us_per_row"] = (result["cpu_s"] - base_cpu) / (rows - base_rows) * 1e6
+            result["sys_us_per_row"] = (result["sys_s"] - base_sys) / (rows - base_rows) * 1e6
+            if result["task_cpu_s"] is not None:
+                result["task_us_per_row"] = result["task_cpu_s"] / rows * 1e6
+            if result["task_main_thread_cpu_s"] is not None:
+                result["task_main_thread_us_per_row"] = result["task_main_thread_cpu_s"] / rows * 1e6
+            runs[rows].append(result)
+            log(f"round {round_no}/{repeats}, {rows:,} rows: {result['cpu_s']:.1f} s CPU, {result['wall_s']:.1f} s wall, "
+                f"{result['us_per_row']:.2f} us/row whole process minus base ({result['sys_us_per_row']:.2f} of it sys); "
+                f"task start to end: {result.get('task_us_per_row', float('nan')):.2f} us/row, "
+                f"{result.get('task_main_thread_us_per_row', float('nan')):.2f} of it in the task's thread; "
+                f"load {result['load_average']}")  # fmt: skip
+    for rows, results in runs.items():
+        summary: dict[str, Any] = {"rows": rows, "runs": results}
+        for key in ("us_per_row", "sys_us_per_row", "task_us_per_row", "task_main_thread_us_per_row"):
+            values = [r[key] for r in results if r.get(key) is not None]
+            if values:
+                summary[key] = statistics.median(values)
+                summary[f"{key}_min"] = min(values)
+        out["sizes"][str(rows)] = summary
+    task_mins = [v["task_us_per_row_min"] for v in out["sizes"].values() if "task_us_per_row_min" in v]
+    out["spread"] = max(task_mins) / min(task_mins) - 1 if task_mins and min(task_mins) > 0 else 0.0
     return out
 
 
@@ -191,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rows", default="100000,1000000", help="comma-separated sizes")
     parser.add_argument("--base-rows", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per size (median and minimum reported)")
     parser.add_argument("--outputs", action="store_true", help="also write the results/rejections tables")
     parser.add_argument("--cache", type=Path, help="keep the generated SQLite source here for the next run")
     parser.add_argument(
@@ -212,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = runner.run(max(sizes), profile=args.profile)
                 log(f"profile written to {args.profile} ({result['cpu_s']:.1f} s CPU)")
                 return 0
-            print(json.dumps(measure(runner, sizes, args.base_rows), indent=2))
+            print(json.dumps(measure(runner, sizes, args.base_rows, repeats=args.repeats), indent=2))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

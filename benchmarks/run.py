@@ -66,6 +66,7 @@ class Plan:
     in_airflow_rows: tuple[int, ...] = (100_000, 1_000_000, 10_000_000)
     in_airflow_base_rows: int = 1000
     in_airflow_base_repeats: int = 2
+    in_airflow_repeats: int = 3  # runs per size: the minimum is quoted (least disturbed by the machine)
     latency_s: float = 1.0
     getall_latency_s: float = 0.05
     rate_requests: int = 20
@@ -95,6 +96,7 @@ SMOKE = Plan(
     dag_repeats=1,
     in_airflow_rows=(3000,),
     in_airflow_base_repeats=1,
+    in_airflow_repeats=1,
 )
 
 
@@ -397,10 +399,9 @@ def in_airflow_section(plan: Plan, workdir: Path) -> dict[str, Any]:
     sizes = list(plan.in_airflow_rows)
     with fast_mews(home) as url:
         runner = Runner(home, url, max([*sizes, plan.in_airflow_base_rows]))
-        result = measure(runner, sizes, plan.in_airflow_base_rows, plan.in_airflow_base_repeats)
-    per_row = [r["us_per_row"] for r in result["sizes"].values()]
-    result["spread"] = max(per_row) / min(per_row) - 1 if min(per_row) > 0 else 0.0
-    return result
+        return measure(
+            runner, sizes, plan.in_airflow_base_rows, plan.in_airflow_base_repeats, plan.in_airflow_repeats
+        )
 
 
 def _check_run(command: list[str], env: dict[str, str], what: str) -> None:
@@ -463,12 +464,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     inside = results.get("in_airflow")
     if inside:
-        per_row = {int(k): v["us_per_row"] for k, v in inside["sizes"].items()}
+        per_row = {int(k): v.get("task_us_per_row_min", v["us_per_row"]) for k, v in inside["sizes"].items()}
         largest = per_row[max(per_row)]
-        add(f"in-Airflow CPU per row, {max(per_row):,} rows (us)", largest, "<= 8 (stretch 5)", largest <= 8)
+        add(
+            f"in-Airflow task CPU per row, {max(per_row):,} rows (us)",
+            largest,
+            "<= 8 (stretch 5)",
+            largest <= 8,
+        )
         if len(per_row) > 1:
             add(
-                "in-Airflow CPU per row, spread over sizes",
+                "in-Airflow task CPU per row, spread over sizes",
                 inside["spread"],
                 "<= 0.10",
                 inside["spread"] <= 0.1,
@@ -541,9 +547,10 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         for rows_text, r in inside["sizes"].items():
             rows.append(
                 (
-                    f"Client CPU per row in Airflow (whole `airflow dags test`; task start to end), "
-                    f"{_n(int(rows_text))} rows (us)",
-                    f"{_n(r['us_per_row'], 1)}; {_n(r.get('task_us_per_row') or 0, 1)}",
+                    f"Client CPU per row in Airflow (task start to end, min of {inside.get('repeats', 1)}; "
+                    f"its own thread; whole `airflow dags test` minus base, median), {_n(int(rows_text))} rows (us)",
+                    f"{_n(r.get('task_us_per_row_min') or 0, 1)}; {_n(r.get('task_main_thread_us_per_row_min') or 0, 1)}; "
+                    f"{_n(r['us_per_row'], 1)}",
                     "",
                     "target <= 8 (stretch 5), flat within 10%",
                 )
@@ -590,11 +597,14 @@ def render_markdown(results: dict[str, Any]) -> str:
     if inside:
         lines += [
             "",
-            "In-Airflow rows: CPU (user + sys, all threads) of a whole `airflow dags test` of "
-            '`benchmarks/dags/mews_bench_in_airflow.py` (SQLite source, batches of 1000, `if_exists="add"`, '
-            "no outcome tables) against `benchmarks/fast_mews.py` (own process, no limit; the connection's "
-            f"`rate_limit_requests` lifted), minus a {_n(inside['base_rows'])}-row run "
-            f"({inside['base_cpu_s']:.1f} s: start-up and DAG-run bookkeeping), divided by the extra rows.",
+            "In-Airflow rows: `airflow dags test` of `benchmarks/dags/mews_bench_in_airflow.py` (SQLite "
+            'source, batches of 1000, `if_exists="add"`, no outcome tables) against `benchmarks/fast_mews.py` '
+            "(own process, no limit; the connection's `rate_limit_requests` lifted). First figure: the task "
+            "process's CPU (user + sys, all threads: the request threads and Airflow's in-process execution "
+            "API included) from the task's start to its end (pre/post_execute), per row, the minimum of "
+            f"{inside.get('repeats', 1)} runs; second: the task's own thread; third: the whole process's CPU "
+            f"minus a {_n(inside['base_rows'])}-row run ({inside['base_cpu_s']:.1f} s: start-up and DAG-run "
+            "bookkeeping), divided by the extra rows (median; start-up varies by seconds, so it is loose at 100 000).",
         ]
     ceiling = results.get("ceiling")
     if ceiling:
