@@ -119,7 +119,9 @@ class Runner:
                 shutil.copyfile(self.db, cached)
         subprocess.run([self.airflow, "db", "migrate"], env=self.env, capture_output=True, check=True)
 
-    def run(self, rows: int, profile: Path | None = None) -> dict[str, Any]:
+    def run(
+        self, rows: int, profile: Path | None = None, profile_format: str = "speedscope"
+    ) -> dict[str, Any]:
         """One whole ``airflow dags test``; its tree's CPU from wait4."""
         with contextlib.closing(sqlite3.connect(self.db)) as conn:  # each run into fresh outcome tables
             conn.execute("DROP TABLE IF EXISTS mews_membership_results")
@@ -127,7 +129,12 @@ class Runner:
         _call(self.url, "/_sandbox/reset", post=True)
         command = [self.airflow, "dags", "test", DAG_ID]
         if profile is not None:
-            command = ["py-spy", "record", "--subprocesses", "--gil", "--rate", "50", "--format", "speedscope",
+            flags = (
+                ["--gil", "--rate", "50"]
+                if profile_format == "speedscope"
+                else ["--threads", "--rate", "250"]
+            )
+            command = ["py-spy", "record", "--subprocesses", *flags, "--format", profile_format,
                        "-o", str(profile), "--", *command]  # fmt: skip
         cpu_file = self.workdir / f"task_cpu_{rows}.txt"
         cpu_file.unlink(missing_ok=True)
@@ -143,16 +150,25 @@ class Runner:
         if proc.returncode != 0 or stored != rows:
             tail = out_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"dags test of {rows} rows: exit {proc.returncode}, {stored} stored\n{tail}")
-        marks = [line.split() for line in cpu_file.read_text().splitlines()] if cpu_file.exists() else []
-        same_task = len(marks) == 2 and marks[0][0] == marks[1][0]
-        task_cpu = float(marks[1][1]) - float(marks[0][1]) if same_task else None
-        # The task's own thread (read, normalize, dispatch, settle); the rest is the request threads
-        # and Airflow's (the in-process execution API that serves the checkpoint's writes).
-        main_cpu = float(marks[1][2]) - float(marks[0][2]) if same_task and len(marks[0]) > 2 else None
+        marks = [json.loads(line) for line in cpu_file.read_text().splitlines()] if cpu_file.exists() else []
+        task_cpu = main_cpu = airflow_cpu = None
+        if len(marks) == 2 and marks[0]["pid"] == marks[1]["pid"]:
+            first, last = marks
+            task_cpu = last["process_s"] - first["process_s"]
+            main_cpu = last["thread_s"] - first["thread_s"]  # read, normalize, dispatch, settle
+            # Threads alive at the task's start and end, but its own: Airflow's (the in-process
+            # execution API serving the checkpoint's writes, the supervisor's); the rest of the
+            # process's CPU is the request threads (started and ended within the task).
+            airflow_cpu = sum(
+                last["threads_s"][tid] - first["threads_s"][tid]
+                for tid in first["threads_s"].keys() & last["threads_s"].keys()
+                if tid != str(first["thread_id"])
+            )
         return {
             "rows": rows,
             "task_cpu_s": task_cpu,
             "task_main_thread_cpu_s": main_cpu,
+            "task_airflow_threads_cpu_s": airflow_cpu,
             "cpu_s": usage.ru_utime + usage.ru_stime,
             "user_s": usage.ru_utime,
             "sys_s": usage.ru_stime,
@@ -187,17 +203,25 @@ def measure(
             result["sys_us_per_row"] = (result["sys_s"] - base_sys) / (rows - base_rows) * 1e6
             if result["task_cpu_s"] is not None:
                 result["task_us_per_row"] = result["task_cpu_s"] / rows * 1e6
-            if result["task_main_thread_cpu_s"] is not None:
-                result["task_main_thread_us_per_row"] = result["task_main_thread_cpu_s"] / rows * 1e6
+            for part in ("main_thread", "airflow_threads"):
+                if result[f"task_{part}_cpu_s"] is not None:
+                    result[f"task_{part}_us_per_row"] = result[f"task_{part}_cpu_s"] / rows * 1e6
             runs[rows].append(result)
             log(f"round {round_no}/{repeats}, {rows:,} rows: {result['cpu_s']:.1f} s CPU, {result['wall_s']:.1f} s wall, "
                 f"{result['us_per_row']:.2f} us/row whole process minus base ({result['sys_us_per_row']:.2f} of it sys); "
                 f"task start to end: {result.get('task_us_per_row', float('nan')):.2f} us/row, "
-                f"{result.get('task_main_thread_us_per_row', float('nan')):.2f} of it in the task's thread; "
+                f"{result.get('task_main_thread_us_per_row', float('nan')):.2f} of it in the task's thread, "
+                f"{result.get('task_airflow_threads_us_per_row', float('nan')):.2f} in Airflow's; "
                 f"load {result['load_average']}")  # fmt: skip
     for rows, results in runs.items():
         summary: dict[str, Any] = {"rows": rows, "runs": results}
-        for key in ("us_per_row", "sys_us_per_row", "task_us_per_row", "task_main_thread_us_per_row"):
+        for key in (
+            "us_per_row",
+            "sys_us_per_row",
+            "task_us_per_row",
+            "task_main_thread_us_per_row",
+            "task_airflow_threads_us_per_row",
+        ):
             values = [r[key] for r in results if r.get(key) is not None]
             if values:
                 summary[key] = statistics.median(values)
@@ -225,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, help="py-spy speedscope profile of one run of the largest size"
     )
+    parser.add_argument(
+        "--profile-summary",
+        type=Path,
+        help="write where the task's CPU goes (py-spy raw profile of one run of the largest size) as markdown",
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.rows.split(",") if s]
     workdir = Path(tempfile.mkdtemp(prefix="mews-in-airflow-"))
@@ -232,6 +261,16 @@ def main(argv: list[str] | None = None) -> int:
         with fast_mews(workdir) as url:
             biggest = max([*sizes, args.base_rows])
             runner = Runner(workdir, url, biggest, args.outputs, args.cache, args.provider_path)
+            if args.profile_summary:
+                from benchmarks.profile_summary import markdown, summarize
+
+                raw = workdir / "profile.txt"
+                result = runner.run(max(sizes), profile=raw, profile_format="raw")
+                task = result["task_cpu_s"] / max(sizes) * 1e6 if result["task_cpu_s"] else None
+                text = markdown(summarize(raw), task, max(sizes))
+                args.profile_summary.write_text(text)
+                print(text)
+                return 0
             if args.profile:
                 result = runner.run(max(sizes), profile=args.profile)
                 log(f"profile written to {args.profile} ({result['cpu_s']:.1f} s CPU)")

@@ -6,6 +6,7 @@ whole process tree. Batches of 1000, ``if_exists="add"``; with MEWS_BENCH_OUTPUT
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -27,10 +28,32 @@ ROWS = int(os.environ.get("MEWS_BENCH_ROWS", "1000"))
 CPU_FILE = os.environ.get("MEWS_BENCH_CPU_FILE")
 
 
+def _thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + sys) of each live thread of this process, by native thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in os.scandir(f"/proc/{os.getpid()}/task"):
+        try:
+            with open(f"{task.path}/stat", encoding="ascii") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[task.name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
 def _mark(context: Any, result: Any = None) -> None:
+    """One JSON line: pid, the process's CPU, the task thread's CPU and its native id, every thread's CPU."""
     if CPU_FILE:
+        mark = {
+            "pid": os.getpid(),
+            "process_s": time.process_time(),
+            "thread_s": time.thread_time(),
+            "thread_id": threading.get_native_id(),
+            "threads_s": _thread_cpu_s(),
+        }
         with open(CPU_FILE, "a", encoding="utf-8") as fh:
-            fh.write(f"{os.getpid()} {time.process_time()} {time.thread_time()} {threading.active_count()}\n")
+            fh.write(json.dumps(mark) + "\n")
 
 
 OUTPUTS = os.environ.get("MEWS_BENCH_OUTPUTS", "0") == "1"
