@@ -698,7 +698,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         plan = Plan(**{**asdict(plan), "in_airflow_rows": scaled})
     out_dir = args.out or RESULTS
-    name = "smoke" if args.smoke else "latest"
+    # A run of some sections keeps its own file: the full run's figures in latest.* stay.
+    name = (
+        "smoke"
+        if args.smoke
+        else "latest"
+        if set(sections) == set(SECTIONS)
+        else "latest-" + "-".join(sections)
+    )
 
     started = time.perf_counter()
     results: dict[str, Any] = {
