@@ -266,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
 
                 raw = workdir / "profile.txt"
                 result = runner.run(max(sizes), profile=raw, profile_format="raw")
-                task = result["task_cpu_s"] / max(sizes) * 1e6 if result["task_cpu_s"] else None
-                text = markdown(summarize(raw), task, max(sizes))
+                rows = max(sizes)
+                per_row = {
+                    f"task_{part}us_per_row": result[f"task_{part}cpu_s"] / rows * 1e6
+                    for part in ("", "main_thread_", "airflow_threads_")
+                    if result[f"task_{part}cpu_s"] is not None
+                }
+                text = markdown(summarize(raw), per_row, rows)
                 args.profile_summary.write_text(text)
                 print(text)
                 return 0

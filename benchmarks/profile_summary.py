@@ -38,21 +38,32 @@ STEPS = (
 )
 
 
-def summarize(raw: Path) -> dict[str, float]:
-    """Shares (0..1) of the task's working samples per step (plus "other")."""
-    counts: collections.Counter[str] = collections.Counter()
+def summarize(raw: Path) -> dict[str, dict[str, float]]:
+    """Per thread group ("task thread", "request threads"): the share (0..1) of its working
+    samples per step (plus "other"). Shares are within a group: py-spy samples the threads
+    unevenly, so the groups' CPU comes from the measured thread times instead."""
+    counts: dict[str, collections.Counter[str]] = {
+        "task thread": collections.Counter(),
+        "request threads": collections.Counter(),
+    }
     for line in raw.read_text().splitlines():
         stack, _, number = line.rpartition(" ")
         if not stack or not number.isdigit():
             continue
         frames = stack.split(";")
-        in_task = any("LoyaltyMembershipAddOperator.execute" in f for f in frames)
-        in_sender = any("mews-batch" in f for f in frames[:2])
-        if not (in_task or in_sender) or any(w in frames[-1] for w in WAITING):
+        if any(w in frames[-1] for w in WAITING):
             continue
-        counts[_step(frames)] += int(number)
-    total = sum(counts.values()) or 1
-    return {step: n / total for step, n in counts.most_common()}
+        if any("LoyaltyMembershipAddOperator.execute" in f for f in frames):
+            group = "task thread"
+        elif any("mews-batch" in f for f in frames[:2]):
+            group = "request threads"
+        else:
+            continue
+        counts[group][_step(frames)] += int(number)
+    return {
+        group: {step: n / (sum(c.values()) or 1) for step, n in c.most_common()}
+        for group, c in counts.items()
+    }
 
 
 def _step(frames: list[str]) -> str:
@@ -63,15 +74,27 @@ def _step(frames: list[str]) -> str:
     return "other"
 
 
-def markdown(shares: dict[str, float], us_per_row: float | None, rows: int) -> str:
-    head = f"{rows:,} rows" + (f", {us_per_row:.1f} us of task CPU per row" if us_per_row else "")
+def markdown(shares: dict[str, dict[str, float]], run: dict[str, float], rows: int) -> str:
+    """``run``: the measured task CPU per row split by thread (``task_us_per_row``,
+    ``task_main_thread_us_per_row``, ``task_airflow_threads_us_per_row``). The task thread's CPU
+    is split by its samples' shares; the request threads are shown whole, with their samples'
+    shares only as a hint: py-spy counts a thread waiting on a lock held by C code as working."""
+    task = run.get("task_us_per_row", 0.0)
+    main = run.get("task_main_thread_us_per_row", 0.0)
+    airflow = run.get("task_airflow_threads_us_per_row", 0.0)
+    requests = task - main - airflow
+    hint = ", ".join(f"{step} {share:.0%}" for step, share in shares.get("request threads", {}).items())
     lines = [
-        f"py-spy profile of one in-Airflow run ({head}):",
+        f"One in-Airflow run of {rows:,} rows under py-spy (which costs CPU itself): task CPU {task:.1f} us "
+        "per row, split by thread from /proc's thread times, the task's thread by the shares of its samples.",
         "",
-        "| step | share | us per row |",
+        "| where | us per row | share |",
         "|---|---|---|",
     ]
-    for step, share in shares.items():
-        per_row = f"{share * us_per_row:.1f}" if us_per_row else ""
-        lines.append(f"| {step} | {share:.0%} | {per_row} |")
+    for step, share in shares.get("task thread", {}).items():
+        lines.append(f"| task thread: {step} | {share * main:.1f} | {share * main / task:.0%} |")
+    lines.append(f"| request threads (samples: {hint}) | {requests:.1f} | {requests / task:.0%} |")
+    lines.append(
+        f"| Airflow's threads (execution API: the checkpoint's writes) | {airflow:.1f} | {airflow / task:.0%} |"
+    )
     return "\n".join(lines) + "\n"
