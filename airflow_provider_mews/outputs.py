@@ -13,10 +13,11 @@ hold. A JSON-lines file output appends (consumers keep the last line per ``sourc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -190,8 +191,7 @@ class TableOutput:
         ph = self.placeholder
         key = self._key()
         where = " AND ".join(f"{c} = {ph}" for c in KEY_COLUMNS) + f" AND source_row BETWEEN {ph} AND {ph}"
-        cur = self._conn.cursor()
-        try:
+        with self._transaction() as cur:
             for table, columns, rows in (
                 (self.results_table, RESULT_COLUMNS, outcomes),
                 (self.rejections_table, REJECTION_COLUMNS, rejections),
@@ -202,6 +202,15 @@ class TableOutput:
                     cur.execute(f"DELETE FROM {table} WHERE {where}", (*key, first_row, last_row))
                 if rows:
                     self._insert(cur, table, columns, rows)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """A cursor whose work is committed at the end of the block, or rolled back on an error."""
+        if self._conn is None:
+            self.open()
+        cur = self._conn.cursor()
+        try:
+            yield cur
             self._conn.commit()
         except Exception:
             self._conn.rollback()
@@ -220,17 +229,8 @@ class TableOutput:
         """A mirror's removals (no source row): appended, as each is done exactly once."""
         if not self.results_table or not outcomes:
             return
-        if self._conn is None:
-            self.open()
-        cur = self._conn.cursor()
-        try:
+        with self._transaction() as cur:
             self._insert(cur, self.results_table, RESULT_COLUMNS, outcomes)
-            self._conn.commit()
-        except Exception:
-            self._conn.rollback()
-            raise
-        finally:
-            cur.close()
 
     def close(self) -> None:
         if self._conn is not None:
