@@ -15,13 +15,14 @@ skip into a failure, so CI cannot go green with a test left out.
 
 from __future__ import annotations
 
+import itertools
 import os
 import runpy
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -149,3 +150,41 @@ def task_result(dag_run: Any, task_id: str, key: str = "return_value", map_index
     """The XCom a task of a finished DAG run pushed."""
     ti = dag_run.get_task_instance(task_id, map_index=map_index)
     return ti.xcom_pull(task_ids=task_id, key=key, map_indexes=map_index)
+
+
+_sync_limits = itertools.count(200_000)  # a limiter of its own per connection (see test_hook.py)
+
+
+@pytest.fixture
+def sync_hook(mews_sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A hook on the connection ``mews_sync`` to the sandbox, with fast backoff and a limit of its own."""
+    from airflow_provider_mews.hooks.mews import MewsConnectorHook
+    from airflow_provider_mews.testing import connection_json
+
+    extra = {"rate_limit_requests": next(_sync_limits), "rate_limit_period": 1}
+    monkeypatch.setenv("AIRFLOW_CONN_MEWS_SYNC", connection_json(mews_sandbox.url, **extra))
+    hook = MewsConnectorHook("mews_sync", backoff_base_s=0.01, backoff_max_s=0.05)
+    yield hook
+    hook.close()
+
+
+def seed_sandbox(sandbox: Any, count: int, program: str) -> list[dict[str, Any]]:
+    """``count`` memberships stored in the sandbox directly (Code ``M-n``, Points ``n``), as created."""
+    import uuid
+
+    stored: list[dict[str, Any]] = []
+    for start in range(0, count, 1000):
+        items = [
+            {
+                "AccountId": str(uuid.uuid4()),
+                "LoyaltyProgramId": program,
+                "IsPrimary": True,
+                "Code": f"M-{n}",
+                "Points": n,
+            }
+            for n in range(start, min(start + 1000, count))
+        ]
+        created, _ = sandbox.add({"LoyaltyMemberships": items})
+        sandbox.state.store(created)
+        stored += created
+    return stored

@@ -7,9 +7,8 @@ an Id it already deleted, so the hook never re-sends it in doubt and the caller 
 
 from __future__ import annotations
 
-import itertools
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,21 +23,16 @@ from airflow_provider_mews.exceptions import (
 )
 from airflow_provider_mews.hooks.mews import MewsConnectorHook
 from airflow_provider_mews.reconcile import find_deleted
-from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN, MewsSandbox, connection_json
+from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN
 
 UPDATE = "loyaltyMemberships/update"
 DELETE = "loyaltyMemberships/delete"
 PROGRAM = "f701dafb-5765-4cf4-b1dd-1f602a740ae5"
-_limits = itertools.count(200_000)  # a limiter of its own per connection (see test_hook.py)
 
 
 @pytest.fixture
-def hook(mews_sandbox: MewsSandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[MewsConnectorHook]:
-    extra = {"rate_limit_requests": next(_limits), "rate_limit_period": 1}
-    monkeypatch.setenv("AIRFLOW_CONN_MEWS_SYNC", connection_json(mews_sandbox.url, **extra))
-    h = MewsConnectorHook("mews_sync", backoff_base_s=0.01, backoff_max_s=0.05)
-    yield h
-    h.close()
+def hook(sync_hook: MewsConnectorHook) -> MewsConnectorHook:
+    return sync_hook
 
 
 @pytest.fixture

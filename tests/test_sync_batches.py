@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
 import uuid
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from airflow_provider_mews.hooks.mews import MewsConnectorHook
 from airflow_provider_mews.scope import ScopeIndex
 from airflow_provider_mews.sync import plan_sync_columns
 from airflow_provider_mews.sync_batches import Remover, SyncBatchSender, build_sync_batch
-from airflow_provider_mews.testing import MewsSandbox, connection_json
+from airflow_provider_mews.testing import MewsSandbox
 
 PROGRAM = "f701dafb-5765-4cf4-b1dd-1f602a740ae5"
 OTHER = "0b7a2c55-3f5e-4bfa-8d7c-1a1f0e6c9d42"
@@ -30,16 +29,11 @@ COLUMNS = (
     "loyalty_tier_id",
     "provider_membership_id",
 )
-_limits = itertools.count(300_000)
 
 
 @pytest.fixture
-def hook(mews_sandbox: MewsSandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[MewsConnectorHook]:
-    extra = {"rate_limit_requests": next(_limits), "rate_limit_period": 1}
-    monkeypatch.setenv("AIRFLOW_CONN_MEWS_SYNC", connection_json(mews_sandbox.url, **extra))
-    h = MewsConnectorHook("mews_sync", backoff_base_s=0.01, backoff_max_s=0.05)
-    yield h
-    h.close()
+def hook(sync_hook: MewsConnectorHook) -> MewsConnectorHook:
+    return sync_hook
 
 
 @pytest.fixture

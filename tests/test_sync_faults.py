@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import task_result
+from conftest import seed_sandbox, task_result
 
 from airflow_provider_mews.testing import MewsSandbox, connection_json
 
@@ -45,21 +45,7 @@ with DAG(dag_id="{dag_id}", schedule=None, start_date=pendulum.datetime(2026, 1,
 
 
 def build(sandbox: MewsSandbox, db: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    scope: list[dict[str, Any]] = []
-    for start in range(0, SCOPE, 1000):
-        items = [
-            {
-                "AccountId": str(uuid.uuid4()),
-                "LoyaltyProgramId": PROGRAM,
-                "IsPrimary": True,
-                "Code": f"M-{n}",
-                "Points": n,
-            }
-            for n in range(start, start + 1000)
-        ]
-        created, _ = sandbox.add({"LoyaltyMemberships": items})
-        sandbox.state.store(created)
-        scope += created
+    scope = seed_sandbox(sandbox, SCOPE, PROGRAM)
     rows = [
         (n, m["AccountId"], PROGRAM, 1, m["MembershipNumber"], m["Points"] + (1 if n < CHANGED else 0))
         for n, m in enumerate(scope[:KEPT])

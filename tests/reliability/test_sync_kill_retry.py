@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from typing import Any
 
 import pytest
-from conftest import DAGS_DIR, task_result
+from conftest import DAGS_DIR, seed_sandbox, task_result
 
 from airflow_provider_mews.testing import DEMO_CLIENT_TOKEN
 from reliability.test_fault_matrix import ACCESS_TOKEN, SRC_CONN, TASK_ID, mews_conn_json, sqlite_conn_json
@@ -47,21 +46,7 @@ def test_sigkill_mid_mirror_then_retried(airflow_db, mews_sandbox, tmp_path, mon
 
     db = tmp_path / "members.db"
     mews_sandbox.add_tokens(DEMO_CLIENT_TOKEN, ACCESS_TOKEN)
-    scope: list[dict[str, Any]] = []
-    for start in range(0, SCOPE, 1000):
-        items = [
-            {
-                "AccountId": str(uuid.uuid4()),
-                "LoyaltyProgramId": PROGRAM,
-                "IsPrimary": True,
-                "Code": f"M-{n}",
-                "Points": n,
-            }
-            for n in range(start, start + 1000)
-        ]
-        created, _ = mews_sandbox.add({"LoyaltyMemberships": items})
-        mews_sandbox.state.store(created)
-        scope += created
+    scope = seed_sandbox(mews_sandbox, SCOPE, PROGRAM)
     new_accounts = [str(uuid.uuid4()) for _ in range(NEW)]
     rows = [
         (n, m["AccountId"], PROGRAM, 1, m["MembershipNumber"], m["Points"] + (n < CHANGED))
