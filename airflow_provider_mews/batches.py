@@ -117,8 +117,10 @@ class BatchResult:
         self._outcomes = None
         if outcome == "added":
             self.added += len(positions)
-        else:
+        elif outcome == "skipped_existing":
             self.skipped += len(positions)
+        else:
+            raise ValueError(f"an add batch's rows are added or skipped_existing, not {outcome!r}")
 
     @property
     def outcomes(self) -> list[Outcome]:
