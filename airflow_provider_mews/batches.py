@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow_provider_mews.exceptions import MewsError
 from airflow_provider_mews.memberships import ColumnPlan, RowRejected, normalize_many, readable_account
@@ -27,6 +27,47 @@ from airflow_provider_mews.reconcile import find_existing, find_stored
 ROW_REFUSALS = (400, 403)
 #: Rounds of "may have been stored -> reconcile -> resend" before giving up to an Airflow retry.
 MAX_DOUBT_ROUNDS = 3
+
+T = TypeVar("T")
+
+
+class StopRun(Exception):
+    """Internal: the run is stopping; leave the rest of this batch unfinished."""
+
+
+def is_row_refusal(exc: MewsError) -> bool:
+    """Mews refused the request because of (some of) its rows and processed none of it."""
+    return exc.status in ROW_REFUSALS and not exc.may_have_been_processed
+
+
+def isolate_refusals(
+    items: Sequence[T],
+    send: Callable[[list[T]], MewsError | None],
+    refused: Callable[[T, MewsError], None],
+    stop: threading.Event | None = None,
+) -> None:
+    """Send ``items`` as one request; when Mews refuses it for its rows, send each half again
+    until every refused item is alone, and hand that item to ``refused``.
+
+    Mews answers a refused batch with one message for the whole request, so halving is the
+    only way to learn which rows it meant: r refused rows of n cost about 2·r·log2(n) more
+    requests, and every accepted row is sent once. ``send`` records what it sent and returns
+    None, or returns the refusal (:func:`is_row_refusal`) and records nothing; any other
+    error it raises. Groups leave in source order.
+    """
+    stack = [list(items)] if items else []
+    while stack:
+        group = stack.pop()
+        if stop is not None and stop.is_set():
+            raise StopRun
+        refusal = send(group)
+        if refusal is None:
+            continue
+        if len(group) == 1:
+            refused(group[0], refusal)
+        else:
+            half = len(group) // 2
+            stack += [group[half:], group[:half]]
 
 
 @dataclass
@@ -161,10 +202,6 @@ class RejectionBudget:
         return self.used > self.allowed
 
 
-class StopRun(Exception):
-    """Internal: the run is stopping; leave the rest of this batch unfinished."""
-
-
 class BatchSender:
     """Takes batches through Mews with one hook; safe to call from several threads."""
 
@@ -266,25 +303,21 @@ class BatchSender:
         return keep
 
     def _send(self, result: BatchResult, pending: list[int]) -> None:
-        """Add ``pending``; on a refusal split it to isolate the refused rows; reconcile doubt."""
-        stack = [list(pending)] if pending else []  # all found stored or existing: nothing to add
-        while stack:
-            group = stack.pop()
-            if self.stop.is_set():
-                raise StopRun
-            outcome = self._add_group(result, group)
-            if outcome is None:
+        """Add ``pending``; refused rows are isolated (:func:`isolate_refusals`); doubt reconciled."""
+
+        def send(group: list[int]) -> MewsError | None:
+            refusal = self._add_group(result, group)
+            if refusal is None:
                 self._remove(pending, group)
-                continue
-            error = outcome
-            if len(group) == 1:
-                self._reject(result, group[0], error)
-                self._remove(pending, group)
-                if self.budget.exceeded:
-                    self.stop.set()
-            else:
-                half = len(group) // 2
-                stack.extend([group[half:], group[:half]])
+            return refusal
+
+        def refused(pos: int, error: MewsError) -> None:
+            self._reject(result, pos, error)
+            self._remove(pending, [pos])
+            if self.budget.exceeded:
+                self.stop.set()
+
+        isolate_refusals(pending, send, refused, self.stop)
 
     def _add_group(self, result: BatchResult, group: list[int]) -> MewsError | None:
         """Add one group. None when every row of it is accounted for; the refusal otherwise."""
@@ -298,7 +331,7 @@ class BatchSender:
                     [batch.items[p] for p in remaining], chain_id=self.chain_id, ids_only=True
                 )
             except MewsError as exc:
-                if exc.status in ROW_REFUSALS and not exc.may_have_been_processed:
+                if is_row_refusal(exc):
                     if len(remaining) < len(group):
                         # A resend after reconciling was refused: isolate among the rows left.
                         self._send(result, remaining)

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from airflow_provider_mews.batches import ROW_REFUSALS, Batch, BatchSender, RejectionBudget, StopRun
+from airflow_provider_mews.batches import (
+    Batch,
+    BatchSender,
+    RejectionBudget,
+    StopRun,
+    is_row_refusal,
+    isolate_refusals,
+)
 from airflow_provider_mews.exceptions import MewsError
 from airflow_provider_mews.memberships import RowRejected
 from airflow_provider_mews.outputs import Outcome, Rejection
@@ -286,40 +293,37 @@ class SyncBatchSender:
         return follow
 
     def _update(self, result: SyncBatchResult, updates: list[_Update]) -> None:
-        """One update for the batch; a refusal splits it to isolate the refused rows."""
-        stack = [updates] if updates else []
-        while stack:
-            group = stack.pop()
-            if self.stop.is_set():
-                raise StopRun
+        """One update for the batch; refused rows are isolated (:func:`isolate_refusals`)."""
+
+        def send(group: list[_Update]) -> MewsError | None:
             try:
                 self.hook.update_loyalty_memberships(
                     [update_item(u.membership_id, u.changes) for u in group], chain_id=self.chain_id
                 )
             except MewsError as exc:
-                if exc.status not in ROW_REFUSALS:
-                    raise
-                if len(group) > 1:
-                    half = len(group) // 2
-                    stack += [group[half:], group[:half]]
-                    continue
-                u = group[0]
-                if u.outcome == "added":  # the add stands; only its ProviderMembershipId was refused
-                    self._reject_follow_up(result, u, exc)
-                    continue
-                self._reject(
-                    result, u.row, None,
-                    f"row {u.row.row} (AccountId {u.row.account_id}): Mews refused the update of membership "
-                    f"{u.membership_id} (HTTP {exc.status}): {exc.message}",
-                    exc.request_id, json.dumps(update_item(u.membership_id, u.changes)),
-                )  # fmt: skip
-                continue
+                if is_row_refusal(exc):
+                    return exc
+                raise
             for u in group:
                 if u.outcome == "updated":
                     result.outcomes.append(
                         _outcome(u.row, {"Id": u.membership_id}, "updated", list(u.changes))
                     )
                     result.changed[u.row.row] = list(u.changes)
+            return None
+
+        def refused(u: _Update, exc: MewsError) -> None:
+            if u.outcome == "added":  # the add stands; only its ProviderMembershipId was refused
+                self._reject_follow_up(result, u, exc)
+                return
+            self._reject(
+                result, u.row, None,
+                f"row {u.row.row} (AccountId {u.row.account_id}): Mews refused the update of membership "
+                f"{u.membership_id} (HTTP {exc.status}): {exc.message}",
+                exc.request_id, json.dumps(update_item(u.membership_id, u.changes)),
+            )  # fmt: skip
+
+        isolate_refusals(updates, send, refused, self.stop)
 
     def _reject_follow_up(self, result: SyncBatchResult, u: _Update, exc: MewsError) -> None:
         # The row was added (its outcome stands); only setting its ProviderMembershipId was refused.
@@ -390,27 +394,30 @@ class Remover:
 
     def remove(self, page: list[dict[str, Any]]) -> RemovalResult:
         result = RemovalResult()
+
+        def refused(m: dict[str, Any], exc: MewsError) -> None:
+            if self.on_missing == "delete" and find_deleted(self.hook, [m["Id"]]):
+                result.done.append(m)  # deleted meanwhile (or by an earlier try): gone once
+            else:
+                result.refused.append((m, exc))
+
         try:
-            stack = [page] if page else []
-            while stack:
-                group = stack.pop()
-                try:
-                    self._send(group, result)
-                except MewsError as exc:
-                    if exc.status not in ROW_REFUSALS:
-                        raise
-                    if len(group) > 1:
-                        half = len(group) // 2
-                        stack += [group[half:], group[:half]]
-                    elif self.on_missing == "delete" and find_deleted(self.hook, [group[0]["Id"]]):
-                        result.done.append(group[0])  # deleted meanwhile (or by an earlier try): gone once
-                    else:
-                        result.refused.append((group[0], exc))
+            isolate_refusals(page, lambda group: self._send(group, result), refused)
         except MewsError as exc:
             result.error = exc
         return result
 
-    def _send(self, group: list[dict[str, Any]], result: RemovalResult) -> None:
+    def _send(self, group: list[dict[str, Any]], result: RemovalResult) -> MewsError | None:
+        """Cancel or delete ``group``: None when done, Mews's refusal of it otherwise."""
+        try:
+            self._remove(group, result)
+        except MewsError as exc:
+            if is_row_refusal(exc):
+                return exc
+            raise
+        return None
+
+    def _remove(self, group: list[dict[str, Any]], result: RemovalResult) -> None:
         if self.on_missing == "cancel":  # an update: value-idempotent, retried by the hook
             self.hook.update_loyalty_memberships(
                 [removal_update(m["Id"]) for m in group], chain_id=self.chain_id

@@ -239,3 +239,20 @@ def test_mirror_matches_in_scope_and_removes_the_rest_once(hook, index, mews_san
     assert {stored[i]["State"] for i in untouched} == {"Enrolled"} and {
         stored[i]["ActivityState"] for i in untouched
     } == {"Active"}
+
+
+@pytest.mark.parametrize("on_missing", ["cancel", "delete"])
+def test_a_refused_removal_is_isolated_and_the_rest_of_the_page_removed_once(
+    hook, index, mews_sandbox, on_missing
+):
+    gone = seed(hook, 6)
+    mews_sandbox.configure(forbidden_memberships={gone[4]["Id"]})
+    result = Remover(hook, on_missing, None).remove(gone)
+    assert result.error is None
+    assert sorted(m["Id"] for m in result.done) == sorted(m["Id"] for m in gone if m is not gone[4])
+    [(refused, exc)] = result.refused
+    assert refused["Id"] == gone[4]["Id"] and exc.status == 403 and exc.request_id
+    operation = UPDATE if on_missing == "cancel" else DELETE
+    assert len(mews_sandbox.request_log(operation)) > 2  # split until the refused one stood alone
+    stored = {m["Id"]: m for m in mews_sandbox.memberships()}
+    assert stored[gone[4]["Id"]]["State"] == "Enrolled" and stored[gone[4]["Id"]]["ActivityState"] == "Active"
