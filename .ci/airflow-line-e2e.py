@@ -42,6 +42,10 @@ HOMES: dict[str, tuple[tuple[str, str], ...]] = {
         ("airflow.sdk.exceptions", "AirflowFailException"),
         ("airflow.exceptions", "AirflowFailException"),
     ),
+    "AirflowNotFoundException": (
+        ("airflow.sdk.exceptions", "AirflowNotFoundException"),
+        ("airflow.exceptions", "AirflowNotFoundException"),
+    ),
     "mask_secret": (("airflow.sdk.log", "mask_secret"), ("airflow.utils.log.secrets_masker", "mask_secret")),
 }
 

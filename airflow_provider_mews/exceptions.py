@@ -101,7 +101,7 @@ class MewsNotFoundError(MewsError):
 class MewsConflictError(MewsError):
     """409: the data changed meanwhile."""
 
-    hint = "The data changed in Mews meanwhile; refresh and resubmit. Not retried."
+    hint = "The data changed in Mews meanwhile; the hook does not repeat the request, the task's retry reads and resubmits."
 
 
 class MewsRequestTimeoutError(MewsError):
@@ -116,7 +116,10 @@ class MewsRateLimitError(MewsError):
     """429 after the hook's waiting budget was spent. Surely not processed."""
 
     retryable = True
-    hint = "Rate limit of the AccessToken exceeded (Mews allows 200 requests per 30 s); the hook honours Retry-After."
+    hint = (
+        "Rate limit of the AccessToken exceeded (Mews documents 200 requests per 30 s, one budget for every "
+        "client of the token); the hook honours Retry-After and paces by the connection's rate_limit_requests."
+    )
 
 
 class MewsServerError(MewsError):

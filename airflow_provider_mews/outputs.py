@@ -247,10 +247,17 @@ class FileOutput:
         self._files: dict[str, Any] = {}
 
     def open(self) -> None:
+        """Open (create) every file for appending; an OSError names the parameter and the path."""
         for kind, path in self.paths.items():
             if path:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                self._files[kind] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run, closed in close()
+                try:
+                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                    self._files[kind] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run, closed in close()
+                except OSError as exc:
+                    raise OSError(
+                        f"{kind}_file={path!r} cannot be opened for appending ({exc.strerror or exc}): "
+                        "name a file in a folder the worker can write"
+                    ) from None
 
     def write(
         self,

@@ -299,10 +299,12 @@ class MembershipRun:
                 f"{error} {counts_text(summary)} An Airflow retry resumes without adding anything twice."
             )
         if self.budget.exceeded:
+            rejected = summary["rejected"]
             return AirflowFailException(
-                f"{summary['rejected']} rows rejected, more than max_rejected_rows="
-                f"{self.settings.max_rejected_rows}: {top_reasons(summary)}. {counts_text(summary)} "
-                f"Rejected rows: {summary['rejections'] or 'see rejected_sample in the mews_summary XCom'}."
+                f"{rejected} row{'s' if rejected != 1 else ''} rejected, more than max_rejected_rows="
+                f"{self.settings.max_rejected_rows} (fix the rows or raise it): {top_reasons(summary)}. "
+                f"First: {first_rejections(summary)}. {counts_text(summary)} Rejected rows: "
+                f"{summary['rejections'] or 'rejected_sample in the mews_summary XCom (or set rejections_table)'}."
             )
         return None
 
@@ -324,4 +326,14 @@ def counts_text(summary: dict[str, Any]) -> str:
 
 def top_reasons(summary: dict[str, Any]) -> str:
     reasons = summary.get("rejection_reasons") or {}
-    return "; ".join(f"{count} x {reason}" for reason, count in reasons.items()) or "see log"
+    return "; ".join(f"{count} x {reason.rstrip('.')}" for reason, count in reasons.items()) or "see log"
+
+
+def first_rejections(summary: dict[str, Any], count: int = 3) -> str:
+    """The first rejected rows of the sample, in source order, with their reasons and, for Mews's
+    refusals, its RequestId (batches finish out of order; the sample keeps the first to finish)."""
+    shown = [
+        r["reason"].rstrip(".") + (f" (RequestId {r['request_id']})" if r.get("request_id") else "")
+        for r in sorted(summary.get("rejected_sample") or [], key=lambda r: r.get("source_row") or 0)[:count]
+    ]
+    return "; ".join(shown) or "see log"

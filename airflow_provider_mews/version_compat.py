@@ -4,16 +4,17 @@ Each name is imported from where it lives today, falling back to where older lin
 feature by feature rather than by version number, as the official providers' ``common.compat``
 does. Where each one comes from on each line is checked by ``.ci/airflow-lines.sh``:
 
-====================  ======================================  ===================================
-name                  newest home (from)                      fallback (lines before it)
-====================  ======================================  ===================================
-BaseOperator          ``airflow.sdk`` (3.0)                   ``airflow.models`` (2.11)
-BaseHook              ``airflow.sdk`` (3.1)                   ``airflow.hooks.base`` (2.11, 3.0)
-Asset                 ``airflow.sdk`` (3.0)                   ``airflow.datasets.Dataset`` (2.11)
-AirflowException      ``airflow.sdk.exceptions`` (3.1)        ``airflow.exceptions`` (2.11, 3.0)
-AirflowFailException  ``airflow.sdk.exceptions`` (3.2)        ``airflow.exceptions`` (2.11-3.1)
-mask_secret           ``airflow.sdk.log`` (3.0)               ``airflow.utils.log.secrets_masker``
-====================  ======================================  ===================================
+==========================  ====================================  =====================================
+name                        newest home (from)                    fallback (lines before it)
+==========================  ====================================  =====================================
+BaseOperator                ``airflow.sdk`` (3.0)                 ``airflow.models`` (2.11)
+BaseHook                    ``airflow.sdk`` (3.1)                 ``airflow.hooks.base`` (2.11, 3.0)
+Asset                       ``airflow.sdk`` (3.0)                 ``airflow.datasets.Dataset`` (2.11)
+AirflowException            ``airflow.sdk.exceptions`` (3.1)      ``airflow.exceptions`` (2.11, 3.0)
+AirflowFailException        ``airflow.sdk.exceptions`` (3.2)      ``airflow.exceptions`` (2.11-3.1)
+AirflowNotFoundException    ``airflow.sdk.exceptions`` (3.1)      ``airflow.exceptions`` (2.11, 3.0)
+mask_secret                 ``airflow.sdk.log`` (3.0)             ``airflow.utils.log.secrets_masker``
+==========================  ====================================  =====================================
 
 ``task_state_store`` (3.3) is read from the task context where it exists (``checkpoint.py``).
 """
@@ -59,6 +60,11 @@ try:
 except ImportError:  # Airflow 2.11 to 3.1
     from airflow.exceptions import AirflowFailException  # type: ignore[no-redef]
 
+try:  # what ``BaseHook.get_connection`` raises for a conn_id nobody defined
+    from airflow.sdk.exceptions import AirflowNotFoundException
+except ImportError:  # Airflow 2.11 and 3.0
+    from airflow.exceptions import AirflowNotFoundException  # type: ignore[no-redef]
+
 try:
     from airflow.sdk.log import mask_secret
 except ImportError:  # Airflow 2.11
@@ -71,6 +77,7 @@ __all__ = [
     "AIRFLOW_V_3_3_PLUS",
     "AirflowException",
     "AirflowFailException",
+    "AirflowNotFoundException",
     "Asset",
     "BaseHook",
     "BaseOperator",

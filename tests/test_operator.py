@@ -287,7 +287,9 @@ def test_a_refused_batch_keeps_its_997_good_rows(run_dag, mews_conn, mews_sandbo
     assert all(s["request_id"] for s in summary["rejected_sample"])
 
 
-def test_isolating_refused_rows_stops_once_the_budget_is_spent(run_dag, mews_conn, mews_sandbox, sqlite_db):
+def test_isolating_refused_rows_stops_once_the_budget_is_spent(
+    run_dag, mews_conn, mews_sandbox, sqlite_db, capfd
+):
     sample_data.write_sqlite(str(sqlite_db), 1000)
     accounts = source_accounts(sqlite_db)
     mews_sandbox.configure(forbidden_accounts={accounts[row] for row in range(5, 1001, 10)})  # 100 bad rows
@@ -305,6 +307,13 @@ def test_isolating_refused_rows_stops_once_the_budget_is_spent(run_dag, mews_con
     assert sum(account_counts(mews_sandbox).values()) == summary["added"]
     # Isolating all 100 would take hundreds of requests; stopping at the 6th takes a few dozen.
     assert summary["requests"] < 60
+    # The task's error names the first refused rows with Mews's message and RequestId.
+    message = next(
+        line for line in capfd.readouterr().out.splitlines() if "more than max_rejected_rows" in line
+    )
+    first = summary["rejected_sample"][0]
+    assert "6 rows rejected" in message and f"First: row {first['source_row']} " in message
+    assert f"(RequestId {first['request_id']})" in message and "cannot be enrolled" in message
 
 
 def test_more_rejections_than_allowed_fail_the_task_after_reporting(
@@ -334,7 +343,39 @@ def test_more_rejections_than_allowed_fail_the_task_after_reporting(
     assert len(rejections.read_text().splitlines()) == 4
     message = next(line for line in log.splitlines() if "more than max_rejected_rows" in line)
     assert "4 rows rejected, more than max_rejected_rows=3" in message
+    assert "First: row 101 (AccountId not-a-uuid): AccountId: 'not-a-uuid' is not a UUID" in message
     assert "invalid AccountId" in message and f"Added {summary['added']}" in message
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ('mews_conn_id="mews_nope", sql_conn_id="mews_test_db"', "mews_conn_id='mews_nope' names no Airflow connection"),
+        ('sql_conn_id="nope_db"', "sql_conn_id='nope_db' names no Airflow connection"),
+        ('sql_conn_id="mews_test_db", output_conn_id="nope_out", results_table="r"',
+         "output_conn_id='nope_out' names no Airflow connection"),
+        ('sql_conn_id="mews_default"', "sql_conn_id='mews_default' is a connection of type 'mews', not a database one"),
+        ('sql_conn_id="mews_test_db", rejections_file=RESULTS_DIR', "cannot be opened for appending (File exists): name a file in a folder the worker can write"),
+    ],
+    ids=["mews_conn_id", "sql_conn_id", "output_conn_id", "not_a_database", "rejections_file"],
+)  # fmt: skip
+def test_a_wrong_connection_or_output_path_fails_once_naming_the_setting(
+    run_dag, mews_conn, mews_sandbox, sqlite_db, tmp_path, capfd, arguments, expected
+):
+    sample_data.write_sqlite(str(sqlite_db), 10)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a file where the output's folder should be
+    source = dag_file(f"""
+        RESULTS_DIR = {str(blocker / "rejections.jsonl")!r}
+        with DAG(dag_id="t_op_misconfigured", schedule=None, start_date=START, catchup=False):
+            LoyaltyMembershipAddOperator(task_id="add", table="loyalty_members", {arguments}, retries=2, **FAST)
+    """)
+    dr = run_dag("t_op_misconfigured", source)
+    ti = dr.get_task_instance("add")
+    assert ti.state == "failed" and ti.try_number == 1  # no retry can fix a setting
+    log = capfd.readouterr().out
+    assert expected in log, log[-3000:]
+    assert mews_sandbox.stats()["stored"] == 0
 
 
 # -- exactly once: retries, ambiguous failures, re-runs --

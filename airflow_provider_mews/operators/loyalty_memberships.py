@@ -25,7 +25,7 @@ from airflow_provider_mews.run import NOT_RETRYABLE, MembershipRun, RunSettings
 from airflow_provider_mews.sources import ListSource, SourceError, SqlSource, rows_from_value
 from airflow_provider_mews.sync import ON_MISSING, SyncPlan, parse_max_removals, plan_sync_columns
 from airflow_provider_mews.sync_run import SyncRun, SyncSettings
-from airflow_provider_mews.version_compat import AirflowFailException, BaseOperator
+from airflow_provider_mews.version_compat import AirflowFailException, AirflowNotFoundException, BaseOperator
 
 IF_EXISTS = ("skip", "add", "update")
 DEFAULT_CONN_ID = MewsConnectorHook.default_conn_name
@@ -265,7 +265,35 @@ class LoyaltyMembershipAddOperator(BaseOperator):
             hook.settings  # noqa: B018 - validate the connection before reading anything
         except MewsConfigurationError as exc:
             raise AirflowFailException(str(exc)) from None
+        except AirflowNotFoundException:
+            raise self._no_connection("mews_conn_id", self.mews_conn_id, "mews") from None
         return hook
+
+    def _db_hook(self, setting: str, conn_id: str) -> Any:
+        """The common-sql hook of ``conn_id``; a missing or non-database connection fails the task once."""
+        from airflow.providers.common.sql.hooks.sql import DbApiHook
+
+        from airflow_provider_mews.version_compat import BaseHook
+
+        try:
+            conn = BaseHook.get_connection(conn_id)
+        except AirflowNotFoundException:
+            raise self._no_connection(setting, conn_id, "a database (sqlite, postgres, ...)") from None
+        hook = conn.get_hook()
+        if not isinstance(hook, DbApiHook):
+            raise AirflowFailException(
+                f"{self.task_id}: {setting}={conn_id!r} is a connection of type {conn.conn_type!r}, not a "
+                "database one: name a connection whose hook is a common-sql DbApiHook (sqlite, postgres, "
+                "mysql, snowflake, ...)"
+            )
+        return hook
+
+    def _no_connection(self, setting: str, conn_id: str, kind: str) -> AirflowFailException:
+        return AirflowFailException(
+            f"{self.task_id}: {setting}={conn_id!r} names no Airflow connection. Create a connection of type "
+            f"{kind} with that id (Admin > Connections, `airflow connections add`, or the environment variable "
+            f"AIRFLOW_CONN_{conn_id.upper()}), or fix {setting}."
+        )
 
     def _settings(self) -> RunSettings:
         return RunSettings(
@@ -293,9 +321,7 @@ class LoyaltyMembershipAddOperator(BaseOperator):
         try:
             if self.sql_conn_id is None:
                 return ListSource(rows_from_value(self.memberships), self.batch_size)
-            from airflow_provider_mews.version_compat import BaseHook
-
-            db_hook = BaseHook.get_connection(self.sql_conn_id).get_hook()
+            db_hook = self._db_hook("sql_conn_id", self.sql_conn_id)
             source = SqlSource(db_hook, table=self.table, sql=self.sql, chunk_size=self.batch_size)
             source.open()
             return source
@@ -340,9 +366,10 @@ class LoyaltyMembershipAddOperator(BaseOperator):
         key = RunKey(ti.dag_id, ti.run_id, ti.task_id, -1 if map_index is None else int(map_index))
         outputs: list[TableOutput | FileOutput] = []
         if self.results_table or self.rejections_table:
-            from airflow_provider_mews.version_compat import BaseHook
-
-            db_hook = BaseHook.get_connection(self.output_conn_id or "").get_hook()
+            db_hook = self._db_hook(
+                "output_conn_id" if self.output_conn_id != self.sql_conn_id else "sql_conn_id",
+                self.output_conn_id or "",
+            )
             try:
                 table_out = TableOutput(db_hook, key, self.results_table, self.rejections_table)
             except SourceError as exc:
@@ -351,7 +378,10 @@ class LoyaltyMembershipAddOperator(BaseOperator):
             outputs.append(table_out)
         if self.results_file or self.rejections_file:
             file_out = FileOutput(key, self.results_file, self.rejections_file)
-            file_out.open()
+            try:
+                file_out.open()
+            except OSError as exc:
+                raise AirflowFailException(f"{self.task_id}: {exc}") from None
             outputs.append(file_out)
         return outputs
 
