@@ -207,6 +207,42 @@ def _convert(fn: Any, field: str, value: Any) -> Any:
         raise RowRejected(field, f"{_show(value)} is not valid ({exc})") from None
 
 
+def identity_of(plan: SyncPlan, values: Sequence[Any], row: int) -> SyncRow | None:
+    """What a row that failed normalization still names: its LoyaltyMembershipId, AccountId and
+    LoyaltyProgramId, each read on its own (None where that cell is not valid either); None when
+    it names no membership. A mirror keeps what such a row names instead of removing it."""
+    fields: dict[str, Any] = {}
+    for pos, field, fn in plan.columns.columns:
+        if field in ("AccountId", "LoyaltyProgramId") and values[pos] not in (None, ""):
+            try:
+                fields[field] = fn(values[pos])
+            except (ValueError, TypeError):  # RowRejected is a ValueError
+                pass
+    membership_id = None
+    if plan.id_position is not None and values[plan.id_position] not in (None, ""):
+        try:
+            membership_id = _to_membership_id(values[plan.id_position])
+        except (ValueError, TypeError):
+            pass
+    r = SyncRow(row, fields, frozenset(), membership_id)
+    return r if membership_id or (r.account_id and r.program_id) else None
+
+
+def named_memberships(
+    row: SyncRow,
+    by_id: Mapping[str, Mapping[str, Any]],
+    by_key: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
+) -> list[Mapping[str, Any]]:
+    """Every membership a row could mean (its Id's, else all of its account and program): what a
+    mirror must not remove when the row itself is rejected."""
+    if row.membership_id is not None:
+        m = by_id.get(row.membership_id)
+        return [m] if m is not None else []
+    if row.account_id and row.program_id:
+        return list(by_key.get((row.account_id, row.program_id), ()))
+    return []
+
+
 # -- matching --
 
 

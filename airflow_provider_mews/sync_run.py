@@ -23,7 +23,15 @@ from typing import Any
 from airflow_provider_mews.exceptions import MewsError
 from airflow_provider_mews.run import MembershipRun, RunSettings, Source
 from airflow_provider_mews.scope import ScopeIndex
-from airflow_provider_mews.sync import RemovalsRefused, SyncPlan, check_removals, match_row, removal_limit
+from airflow_provider_mews.sync import (
+    RemovalsRefused,
+    SyncPlan,
+    check_removals,
+    identity_of,
+    match_row,
+    named_memberships,
+    removal_limit,
+)
 from airflow_provider_mews.sync_batches import (
     Remover,
     SyncBatch,
@@ -118,12 +126,21 @@ class SyncRun(MembershipRun):
         for index, rows in enumerate(self.source.chunks()):
             batch = build_sync_batch(index, first_row, self.sync_plan, rows, False)
             first_row += len(rows)
-            by_id, by_key = self.index.candidates(batch.rows)
+            # A rejected row is still in the source: what it names is kept, never removed.
+            unreadable = [
+                identity_of(self.sync_plan, rows[j.source_row - batch.first_row], j.source_row)
+                for j in batch.rejected
+            ]
+            kept = [r for r in unreadable if r is not None]
+            by_id, by_key = self.index.candidates([*batch.rows, *kept])
             matched = []
             for r in batch.rows:
                 match = match_row(r, by_id, by_key, s.loyalty_program_ids)
                 if match.kind == "matched" and match.membership is not None:
                     matched.append((match.membership["Id"], r.row))
+                elif match.kind == "rejected":  # e.g. twins it cannot tell apart: keep them both
+                    kept.append(r)
+            matched += [(m["Id"], r.row) for r in kept for m in named_memberships(r, by_id, by_key)]
             self.index.claim_many(matched)
         count = self.index.count_unmatched(s.on_missing)
         self.planned_removals = count

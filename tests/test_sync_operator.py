@@ -214,6 +214,40 @@ def test_mirror_removes_the_300_memberships_the_source_lost(
     ) == {(i,) for i in gone}
 
 
+@pytest.mark.parametrize("on_missing", ["cancel", "delete"])
+def test_a_mirror_keeps_the_membership_of_a_row_it_rejected(
+    run_dag, mews_conn, mews_sandbox, sqlite_db, on_missing
+):
+    """A bad cell (Points 12.5, an IsPrimary of "maybe") or an ambiguous match (two memberships of
+    one account and programme) rejects the row; the member is still in the source, so the mirror
+    must not cancel or delete it. Only what no row names is removed."""
+    scope = mirror_source(mews_sandbox, sqlite_db, keep=20, total=22)
+    with sqlite3.connect(sqlite_db) as conn:
+        conn.execute("UPDATE members SET points = '12.5' WHERE member_id = 3")
+        conn.execute("UPDATE members SET is_primary = 'maybe' WHERE member_id = 11")
+        conn.execute("UPDATE members SET membership_number = NULL WHERE member_id = 5")
+    twin = {k: scope[5][k] for k in ("AccountId", "LoyaltyProgramId", "IsPrimary")}  # row 5 now means 2
+    created, _ = mews_sandbox.add({"LoyaltyMemberships": [twin]})
+    mews_sandbox.state.store(created)
+    dr = run(
+        run_dag,
+        f"t_sync_mirror_keeps_rejected_{on_missing}",
+        "LoyaltyMembershipSyncOperator",
+        loyalty_program_ids=[PROGRAM],
+        on_missing=on_missing,
+        max_rejected_rows=3,
+        max_removals=5,
+    )
+    assert dr.state == "success"
+    summary = task_result(dr, "sync")
+    outcome = "canceled" if on_missing == "cancel" else "deleted"
+    assert summary["rejected"] == 3 and summary["unchanged"] == 17
+    assert summary[outcome] == 2 == summary["planned_removals"]
+    stored = {m["Id"]: m for m in mews_sandbox.memberships()}
+    removed = {i for i, m in stored.items() if m["State"] == "Canceled" or m["ActivityState"] == "Deleted"}
+    assert removed == {m["Id"] for m in scope[20:]}  # the two the source lost, not those of rows 3, 5, 11
+
+
 def test_mirror_that_would_remove_20_percent_is_refused_before_any_write(
     run_dag, mews_conn, mews_sandbox, sqlite_db
 ):
