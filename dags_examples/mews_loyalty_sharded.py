@@ -7,6 +7,9 @@ pool caps how many shards talk to Mews at once. The shards share one rate budget
 AccessToken: on one host with no configuration, across hosts when the Mews connection names a
 Redis connection in ``extra.rate_limit_redis_conn_id`` (README, "Scaling out").
 
+Create the pool before the first run (the scheduler does not schedule tasks whose pool does
+not exist; ``airflow dags test`` ignores pools): ``airflow pools set mews_api 4 "Mews API"``.
+
 The shard count comes from the ``MEWS_EXAMPLE_SHARDS`` environment variable (default 4),
 read when the file is parsed: set it alike for the DAG processor and every worker.
 """

@@ -44,6 +44,7 @@ with DAG(
         loyalty_program_ids=[PROGRAMME],
         on_missing="cancel",
         max_removals="5%",
+        max_rejected_rows=100,  # the demo table has invalid rows on purpose; their members are kept
         dry_run=False,
         results_table="mews_sync_results",
         rejections_table="mews_sync_rejections",

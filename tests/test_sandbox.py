@@ -732,3 +732,20 @@ def test_request_log_records_when_each_api_request_arrived_and_was_answered():
         assert log[0]["answered"] <= log[1]["arrived"] <= log[1]["answered"] <= time.time()
         assert _http.post(f"{sb.url}/_sandbox/reset", timeout=10).ok
         assert _http.get(f"{sb.url}/_sandbox/timings", timeout=10).json() == []
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("500", "'500' needs a rate: NAME=RATE, e.g. 500=0.1"),
+        ("bogus=0.5", "unknown fault 'bogus'; names: 500,"),
+        ("503=1.5", "the rate of 503 must be within 0..1"),
+    ],
+)
+def test_a_malformed_fault_option_is_one_usage_error(fault, message, capsys):
+    from airflow_provider_mews.testing.sandbox import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--port", "0", "--fault", fault])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -1084,6 +1084,20 @@ def _rate(value: str) -> tuple[int, float]:
     return int(count), float(period or 30)
 
 
+def _fault_rate(value: str) -> tuple[str, float]:
+    """``NAME=RATE`` (a fault of FAULTS, a rate in 0..1) for ``--fault``; argparse says what is wrong."""
+    name, _, rate = value.partition("=")
+    if name.split(":")[0] not in FAULTS:
+        raise argparse.ArgumentTypeError(f"unknown fault {name!r}; names: {', '.join(FAULTS)}")
+    try:
+        number = float(rate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} needs a rate: NAME=RATE, e.g. {name}=0.1") from None
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"the rate of {name} must be within 0..1, got {rate}")
+    return name, number
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="mews-sandbox", description="Local stand-in for the Mews Connector API (loyalty memberships)."
@@ -1104,6 +1118,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--fault",
+        type=_fault_rate,
         action="append",
         default=[],
         metavar="NAME=RATE",
@@ -1127,7 +1142,7 @@ def main(argv: list[str] | None = None) -> None:
         rate_limit_requests=args.rate_limit[0],
         rate_limit_period_s=args.rate_limit[1],
         count_delay_ms=args.count_delay_ms,
-        fault_rates={k: float(v) for k, _, v in (f.partition("=") for f in args.fault)},
+        fault_rates=dict(args.fault),
         forbidden_accounts={a.lower() for a in args.forbid_account},
         seed=args.seed,
     )
