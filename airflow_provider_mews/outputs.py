@@ -92,8 +92,10 @@ class TableOutput:
     ) -> None:
         self.hook = hook
         self.key = key
-        self.results_table = quote_table(results_table) if results_table else None
-        self.rejections_table = quote_table(rejections_table) if rejections_table else None
+        self.results_table = quote_table(results_table, "results_table") if results_table else None
+        self.rejections_table = (
+            quote_table(rejections_table, "rejections_table") if rejections_table else None
+        )
         self.placeholder = getattr(hook, "placeholder", "%s")
         self._conn: Any = None
         #: True when this task instance had rows in the tables when they were opened.

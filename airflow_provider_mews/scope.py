@@ -138,11 +138,6 @@ class ScopeIndex:
             self._db.execute("COMMIT")
         return conflicts
 
-    @_locked
-    def release(self, membership_ids: Iterable[str]) -> None:
-        """Forget matches (e.g. of a batch that will be redone)."""
-        self._db.executemany("DELETE FROM matched WHERE id = ?", [(i.lower(),) for i in membership_ids])
-
     def unmatched(self, on_missing: str, page_size: int = 1000) -> Iterator[list[dict[str, Any]]]:
         """Pages of scope memberships no source row matched that ``on_missing`` has to change."""
         last = 0

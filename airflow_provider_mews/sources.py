@@ -75,11 +75,12 @@ class ListSource:
         pass
 
 
-def quote_table(table: str) -> str:
+def quote_table(table: str, setting: str = "table") -> str:
+    """``table`` when it is a plain (optionally schema-qualified) name; SourceError naming ``setting`` otherwise."""
     if not _IDENTIFIER.match(table):
+        hint = "; use sql= for anything else" if setting == "table" else ""
         raise SourceError(
-            f"table {table!r} is not a plain table name (letters, digits, _ and up to two dots); "
-            "use sql= for anything else"
+            f"{setting} {table!r} is not a plain table name (letters, digits, _ and up to two dots){hint}"
         )
     return table
 

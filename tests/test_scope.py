@@ -60,9 +60,11 @@ def test_claims_tell_a_second_row_for_the_same_membership(tmp_path):
         assert scope.claim(mid, 5) is None
         assert scope.claim(mid.upper(), 9) == 5
         assert scope.claim(mid, 5) is None  # the same row again (a redone batch) is not a duplicate
-        scope.release([mid])
-        assert scope.claim(mid, 9) is None
-        assert scope.claim_many([(mid, 9), (str(uuid.uuid4()), 10), (mid, 11)]) == {mid: 9}
+        other = str(uuid.uuid4())
+        assert scope.claim_many([(other, 9), (str(uuid.uuid4()), 10), (other, 11), (mid, 12)]) == {
+            other: 9,
+            mid: 5,
+        }
 
 
 def test_unmatched_by_on_missing(tmp_path):
