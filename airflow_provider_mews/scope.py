@@ -43,11 +43,44 @@ def _locked(method: _F) -> _F:
     return cast(_F, locked)
 
 
+#: Scope folders are named after the process that made them: ``mews-sync-<pid>-<random>``.
+_PREFIX = "mews-sync-"
+
+
+def sweep_orphans(directory: str | None = None) -> list[str]:
+    """Remove the scope folders of processes that are gone (a task killed with SIGKILL cannot
+    remove its own): they hold membership data nobody will read. Only this user's folders, and
+    only those whose process no longer exists; returns the folders removed."""
+    base = directory or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid_text = entry.name[len(_PREFIX) :].split("-", 1)[0]
+        if not entry.name.startswith(_PREFIX) or not pid_text.isdigit():
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid() or not entry.is_dir(
+                follow_symlinks=False
+            ):
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:  # its process is gone
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+        except OSError:  # alive but another user's (EPERM), or vanished meanwhile
+            continue
+    return removed
+
+
 class ScopeIndex:
     """Scope memberships and matched Ids in a temporary SQLite file; safe to share between threads."""
 
     def __init__(self, directory: str | None = None, cache_kib: int = 8192) -> None:
-        self._dir = tempfile.mkdtemp(prefix="mews-sync-", dir=directory)
+        sweep_orphans(directory)
+        self._dir = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=directory)
         self.path = os.path.join(self._dir, "scope.sqlite")
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.lock = threading.RLock()  # one statement (or transaction) at a time

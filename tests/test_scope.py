@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tracemalloc
 import uuid
+from pathlib import Path
 from typing import Any
 
 from airflow_provider_mews.scope import ScopeIndex
@@ -106,3 +107,27 @@ def test_memory_does_not_grow_with_the_scope(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 4 * 2**20, f"peak Python allocation {peak / 2**20:.1f} MiB"
+
+
+def test_folders_of_killed_tasks_are_swept_and_live_ones_kept(tmp_path):
+    """A task killed with SIGKILL leaves its scope (membership data); the next index removes it."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from airflow_provider_mews.scope import ScopeIndex; "
+        f"s = ScopeIndex({str(tmp_path)!r}); print(s.path, flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    orphan = Path(child.stdout.readline().strip()).parent
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert orphan.is_dir() and orphan.name.startswith(f"mews-sync-{child.pid}-")
+    unrelated = tmp_path / "mews-sync-notapid"
+    unrelated.mkdir()
+    with ScopeIndex(str(tmp_path)) as live:
+        assert not orphan.exists()  # swept: its process is gone
+        assert unrelated.is_dir()  # not named after a process: not ours to judge
+        with ScopeIndex(str(tmp_path)) as second:  # a live sibling's folder stays
+            assert Path(live.path).exists() and Path(second.path).exists()
