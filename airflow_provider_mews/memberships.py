@@ -89,19 +89,22 @@ class ColumnPlan:
         return None
 
 
-def plan_columns(names: Sequence[str], field_map: Mapping[str, str] | None = None) -> ColumnPlan:
+def plan_columns(
+    names: Sequence[str], field_map: Mapping[str, str] | None = None, also: Sequence[str] = ()
+) -> ColumnPlan:
     """Match source column names to Mews fields (case/underscore-insensitive, then ``field_map``).
 
     Raises ``ValueError`` for a configuration that can only be fixed by the user: a
     ``field_map`` target that is not a Mews field, two columns feeding one field, or a
-    required field that no column provides.
+    required field that no column provides. ``also``: further targets the caller takes out of
+    ``field_map`` itself (a sync's Id columns), named in the message listing the valid targets.
     """
     explicit: dict[str, str] = {}
     for source, target in (field_map or {}).items():
         field = _FIELD_BY_KEY.get(_key(target)) or SYNONYMS.get(_key(target))
         if field is None:
             raise ValueError(
-                f"field_map[{source!r}] = {target!r} is not a Mews field; use one of {', '.join(MEWS_FIELDS)}"
+                f"field_map[{source!r}] = {target!r} is not a Mews field; use one of {', '.join((*MEWS_FIELDS, *also))}"
             )
         explicit[source] = field
     lowered_names = {n.lower(): n for n in names}

@@ -129,7 +129,7 @@ def plan_sync_columns(names: Sequence[str], field_map: Mapping[str, str] | None 
     hidden = set(positions.values())
     # The add plan must not see the sync columns (it would ignore them, with a warning).
     masked = [f"\x00{pos}" if pos in hidden else name for pos, name in enumerate(names)]
-    plan = plan_columns(masked, field_map)
+    plan = plan_columns(masked, field_map, also=("LoyaltyMembershipId", "ProviderMembershipId"))
     plan = dataclasses.replace(
         plan, ignored=tuple(n for n in plan.ignored if not n.startswith("\x00")), names=tuple(names)
     )

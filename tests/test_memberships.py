@@ -85,7 +85,7 @@ def test_field_map_wins_over_a_matching_name():
 
 
 def test_field_map_errors_are_configuration_errors():
-    with pytest.raises(ValueError, match="not a Mews field"):
+    with pytest.raises(ValueError, match=r"not a Mews field; use one of AccountId, .*, LoyaltyTierId$"):
         plan_columns(["account_id", "loyalty_program_id", "is_primary", "x"], {"x": "Nickname"})
     with pytest.raises(ValueError, match="does not have"):
         plan_columns(["account_id", "loyalty_program_id", "is_primary"], {"missing_col": "Code"})

@@ -108,6 +108,10 @@ def test_sync_columns_from_field_map_and_errors():
         )
     with pytest.raises(ValueError, match="'gone', which the source does not have"):
         plan_sync_columns(["account_id", "loyalty_program_id", "is_primary"], {"gone": "LoyaltyMembershipId"})
+    with pytest.raises(
+        ValueError, match=r"use one of AccountId, .*LoyaltyTierId, LoyaltyMembershipId, ProviderMembershipId$"
+    ):
+        plan_sync_columns(["account_id", "loyalty_program_id", "is_primary", "x"], {"x": "Nickname"})
     with pytest.raises(ValueError, match="required Mews field"):
         plan_sync_columns(["account_id", "loyalty_membership_id"])
 
