@@ -30,7 +30,8 @@ class Outcome(NamedTuple):
     """A row that Mews now holds: added by this task, or already there (``skipped_existing``).
 
     Sync modes add ``updated`` (``changed_fields`` names what was sent) and ``unchanged``; a
-    mirror's removals (``canceled``, ``deleted``) have no source row (``source_row`` None).
+    mirror's removals (``canceled``, ``deleted``) have no source row (``source_row`` None). A dry
+    run writes each as ``planned_<outcome>``.
     """
 
     source_row: int | None
@@ -38,7 +39,7 @@ class Outcome(NamedTuple):
     loyalty_program_id: str
     code: str | None
     mews_membership_id: str | None
-    outcome: str  # "added" | "skipped_existing" | "updated" | "unchanged" | "canceled" | "deleted"
+    outcome: str  # "added" | "skipped_existing" | "updated" | "unchanged" | "canceled" | "deleted" (dry run: "planned_...")
     changed_fields: str | None = None  # comma-separated Mews fields an update sent
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_provider_mews.exceptions import MewsError
+from airflow_provider_mews.outputs import Outcome
 from airflow_provider_mews.run import MembershipRun, RunSettings, Source
 from airflow_provider_mews.scope import ScopeIndex
 from airflow_provider_mews.sync import (
@@ -175,7 +176,11 @@ class SyncRun(MembershipRun):
             may_have_been_written = self.may_have_been_written(batch.index)
         for out in self.outputs:
             out.write(
-                batch.first_row, batch.last_row, result.outcomes, result.rejected, may_have_been_written
+                batch.first_row,
+                batch.last_row,
+                self._as_written(result.outcomes),
+                result.rejected,
+                may_have_been_written,
             )
         counts = (
             result.count("added"),
@@ -217,6 +222,13 @@ class SyncRun(MembershipRun):
             )
         return summary
 
+    def _as_written(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """A dry run writes its plan as ``planned_added``, ``planned_canceled``, ...: a reader of the
+        outcome tables can never take a plan for a change Mews holds."""
+        if not self.sync.dry_run:
+            return outcomes
+        return [o._replace(outcome=f"planned_{o.outcome}") for o in outcomes]
+
     def remove(self) -> None:
         """Cancel or delete, a page at a time, the scope's memberships no source row matched."""
         s = self.sync
@@ -236,7 +248,7 @@ class SyncRun(MembershipRun):
                     )
                 if result.error is not None:
                     self.errors.append(result.error)
-            outcomes = [removal_outcome(m, outcome) for m in done]
+            outcomes = self._as_written([removal_outcome(m, outcome) for m in done])
             for out in self.outputs:
                 out.write_removals(outcomes)
             if outcome == "canceled":

@@ -7,8 +7,9 @@ than 5% of the programme (``max_removals="5%"``), the run fails before changing 
 half-loaded table must not cancel half the members.
 
 Try it first with ``dry_run=True`` below: no write request is sent (only reads), and the
-results table holds the plan: each row's planned outcome (added, updated with the fields that
-would change, unchanged, rejected) and each planned removal (``source_row`` NULL), and the
+results table holds the plan: each row's planned outcome (``planned_added``, ``planned_updated``
+with the fields that would change, ``planned_unchanged``; rejected rows in the rejections
+table) and each planned removal (``planned_canceled``, ``source_row`` NULL), and the
 summary (XCom ``mews_summary``) the counts and whether ``max_removals`` would refuse the run.
 
 A column that is NULL clears the field in Mews (tier, points, number, expiration, URL); a

@@ -256,7 +256,7 @@ def test_409_conflict_is_not_retried(make_hook, mews_sandbox):
         make_hook().add_loyalty_memberships(items(2))
     check_error_text(info.value, 409, "Sandbox fault 409.")
     assert info.value.may_have_been_processed is False
-    assert "refresh and resubmit" in str(info.value)
+    assert "the hook does not repeat the request, the task's retry reads and resubmits" in str(info.value)
     assert requests_to(mews_sandbox, ADD) == 1
     assert mews_sandbox.stats()["stored"] == 0
 

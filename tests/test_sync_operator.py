@@ -301,8 +301,16 @@ def test_dry_run_sends_no_write_and_writes_the_plan(run_dag, mews_conn, mews_san
         summary["canceled"],
     ) == (1, 1, 989, 1, 10)
     plan = dict(read(sqlite_db, "SELECT outcome, COUNT(*) FROM results GROUP BY outcome"))
-    assert plan == {"added": 1, "updated": 1, "unchanged": 989, "canceled": 10}
-    assert read(sqlite_db, "SELECT changed_fields FROM results WHERE outcome = 'updated'") == [("Points",)]
+    # Written as a plan: no reader of the table can take it for changes Mews holds.
+    assert plan == {
+        "planned_added": 1,
+        "planned_updated": 1,
+        "planned_unchanged": 989,
+        "planned_canceled": 10,
+    }
+    assert read(sqlite_db, "SELECT changed_fields FROM results WHERE outcome = 'planned_updated'") == [
+        ("Points",)
+    ]
     [(reason,)] = read(sqlite_db, "SELECT reason FROM rejections")
     assert "outside loyalty_program_ids" in reason
     assert {m["State"] for m in mews_sandbox.memberships()} == {"Enrolled"} and len(scope) == 1_000
