@@ -56,14 +56,17 @@ def max_in_window(times: list[float], window_s: float) -> int:
 
 
 def test_gcra_paces_evenly_after_a_small_burst():
-    params = Params(limit=11, period_s=10.0, burst=2)  # interval 10 / (11 - 2 + 1) = 1 s
+    params = Params(limit=11, period_s=10.0, burst=2)  # interval 10 * 1.02 / (11 - 2 + 1) = 1.02 s
     state = State()
     slots = [gcra.reserve(state, params, 100.0, None) for _ in range(6)]
-    assert slots == [100.0, 100.0, 101.0, 102.0, 103.0, 104.0]
-    # Any window of the period holds at most the limit, however the requests come.
+    assert slots == pytest.approx([100.0, 100.0, 101.02, 102.04, 103.06, 104.08])
+    # Any window of the period, and of the period plus the margin (a server counting up to 2% of
+    # a period late), holds at most the limit, however the requests come.
+    assert gcra.PACE_MARGIN == 0.02
     state = State()
     many = [gcra.reserve(state, params, 100.0 + i * 0.01, None) for i in range(60)]
     assert max_in_window([s for s in many if s is not None], 10.0) == 11
+    assert max_in_window([s for s in many if s is not None], 10.2 - 1e-9) == 11
 
 
 def test_gcra_refuses_a_slot_beyond_the_wait_allowed_and_books_nothing():
@@ -73,20 +76,20 @@ def test_gcra_refuses_a_slot_beyond_the_wait_allowed_and_books_nothing():
     tat = state.tat
     assert gcra.reserve(state, params, 0.0, 0.1) is None
     assert state.tat == tat
-    assert gcra.reserve(state, params, 0.0, 0.5) == 0.5
+    assert gcra.reserve(state, params, 0.0, params.interval_s) == params.interval_s  # 0.51 s
 
 
 def test_a_429_holds_everyone_then_they_leave_one_by_one_and_the_rate_is_cut_once_per_epoch():
-    params = Params(limit=10, period_s=10.0, burst=1)  # 1 s apart
+    params = Params(limit=10, period_s=10.0, burst=1)  # 1.02 s apart
     state = State()
-    in_flight = [gcra.reserve(state, params, 0.0, None) for _ in range(3)]  # 0, 1, 2
+    in_flight = [gcra.reserve(state, params, 0.0, None) for _ in range(3)]  # 0, 1.02, 2.04
     assert gcra.on_429(state, params, 2.5, retry_after_s=4.0, slot=in_flight[2]) is True
     assert state.factor == pytest.approx(1 - gcra.STEP)
     # The other requests of the same burst answer 429 too: honoured, but no second cut.
     assert gcra.on_429(state, params, 2.6, retry_after_s=4.0, slot=in_flight[0]) is False
     assert state.factor == pytest.approx(1 - gcra.STEP)
     after = [gcra.reserve(state, params, 3.0, None) for _ in range(3)]
-    interval = 1.0 / (1 - gcra.STEP)
+    interval = params.interval_s / (1 - gcra.STEP)
     assert after == pytest.approx([6.6, 6.6 + interval, 6.6 + 2 * interval], rel=1e-3)  # no herd at 6.6
     # A request sent after the cut that meets a 429 again: a new epoch, a new cut; the rate did
     # not recover (RECOVERY_DELAY_PERIODS), so the limit is just below it: a half step.
@@ -120,17 +123,17 @@ def test_the_rate_recovers_slowly_and_the_burst_comes_back_when_whole():
 
 
 def test_a_cut_makes_every_slot_booked_before_it_stale_and_restarts_the_queue_at_the_hold():
-    params = Params(limit=10, period_s=10.0, burst=1)  # 1 s apart
+    params = Params(limit=10, period_s=10.0, burst=1)  # 1.02 s apart
     state = State()
-    # 8 threads (of any process) booked at 0.0: slots 0..7 s, the queue reaching 8 s.
+    # 8 threads (of any process) booked at 0.0: slots 0..7.14 s, the queue reaching 8.16 s.
     waiting = [gcra.reserve(state, params, 0.0, None) for _ in range(8)]
-    assert waiting[-1] == 7.0
+    assert waiting[-1] == pytest.approx(7 * params.interval_s)
     assert gcra.on_429(state, params, 0.5, retry_after_s=1.0, slot=waiting[0]) is True
     # After the hold, the slots booked before the cut are stale, though the hold has passed ...
     assert gcra.must_rebook(state, 5.0, booked_at=0.0) is True
     assert gcra.must_rebook(state, 1.0, booked_at=0.6) is True  # ... and during the hold, any slot
     # ... and booking again starts at the hold's end at the cut pace, not after the old queue.
-    interval = 1.0 / (1 - gcra.STEP)
+    interval = params.interval_s / (1 - gcra.STEP)
     again = [gcra.reserve(state, params, 2.0, None) for _ in range(3)]
     assert again == pytest.approx([2.0, 2.0 + interval, 2.0 + 2 * interval])
     assert gcra.must_rebook(state, again[2], booked_at=2.0) is False  # booked after the cut: kept
@@ -236,13 +239,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
 
 def test_every_backend_paces_holds_and_learns(backend: Any, request: pytest.FixtureRequest):
     key = f"backend-test-{request.node.name}-{time.time()}"
-    params = Params(limit=10, period_s=1.0, burst=2)  # 1 / 9 s apart
+    params = Params(limit=10, period_s=1.0, burst=2)  # 1.02 / 9 s apart
     limiter = TokenLimiter(key, params, backend)
     slots = [limiter.acquire() for _ in range(6)]
     assert all(s is not None for s in slots)
     offsets = [s - slots[0] for s in slots]  # type: ignore[operator]
     assert offsets[1] == pytest.approx(0.0, abs=0.05)  # the burst of 2 (booked at once, or nearly)
-    assert offsets[2:] == pytest.approx([k / 9 for k in range(1, 5)], abs=1e-6)
+    assert offsets[2:] == pytest.approx([k * params.interval_s for k in range(1, 5)], abs=1e-6)
     assert limiter.waited_s > 0.3
     # Nothing within 0.05 s while a 429's hold of 0.5 s lasts, then paced at the cut rate.
     limiter.on_429(0.5, slots[-1])
@@ -250,7 +253,7 @@ def test_every_backend_paces_holds_and_learns(backend: Any, request: pytest.Fixt
     assert backend.hold_remaining(key) == pytest.approx(0.5, abs=0.1)
     assert limiter.acquire(deadline=time.monotonic() + 0.05) is None
     resumed = [limiter.acquire() for _ in range(3)]
-    assert resumed[1] - resumed[0] == pytest.approx(1 / 9 / (1 - gcra.STEP), abs=0.002)  # type: ignore[operator]
+    assert resumed[1] - resumed[0] == pytest.approx(params.interval_s / (1 - gcra.STEP), abs=0.002)  # type: ignore[operator]
     limiter.on_429(0.0, slots[0])  # an old request's 429: honoured, no second cut
     assert limiter.cuts == 1
 
@@ -439,7 +442,7 @@ def test_processes_on_one_token_share_one_window(where: str, tmp_path: Path, req
     # Together at the pace of one (9 per second after a burst of 2), not a share of it each:
     # most slots follow the previous one by one interval (a late starter only adds a gap).
     gaps = sorted(b - a for a, b in zip(sorted(slots), sorted(slots)[1:], strict=False))
-    assert statistics.median(gaps) == pytest.approx(1 / 9, abs=0.002)
+    assert statistics.median(gaps) == pytest.approx(Params(10, 1.0).interval_s, abs=0.002)  # 1.02 / 9
     assert all(len(set(p)) == 15 for p in per_process)
 
 
@@ -559,7 +562,7 @@ def test_unreachable_redis_falls_back_to_the_host_at_a_share_and_says_so_once(
     assert limiter.params.limit == int(40 * FALLBACK_SHARE)
     assert isinstance(limiter.backend, SqliteBackend)
     offsets = [s - slots[0] for s in slots]  # type: ignore[operator]
-    assert offsets[2:] == pytest.approx([k / (10 - 2 + 1) for k in range(1, 5)], abs=1e-6)
+    assert offsets[2:] == pytest.approx([k * 1.02 / (10 - 2 + 1) for k in range(1, 5)], abs=1e-6)
 
 
 # -- the sandbox's own window and its lagging count --

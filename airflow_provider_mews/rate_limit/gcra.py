@@ -6,7 +6,7 @@ applies these two transitions atomically:
 
 ``reserve``
     GCRA (the "virtual scheduling" form of a leaky bucket): requests leave evenly, one per
-    emission interval ``T = period / (limit - burst + 1) / factor``, with a tolerance of
+    emission interval ``T = period * (1 + margin) / (limit - burst + 1) / factor``, with a tolerance of
     ``burst - 1`` requests. Any window of ``period`` seconds then holds at most ``limit``
     requests, and, because the pace is even, so does any *shorter* window of the same
     average rate (Mews may enforce one: its limits "can be changed without prior notice").
@@ -53,6 +53,11 @@ PEAK_DECAY = 0.001
 FACTOR_MIN = 0.5
 #: Requests that may leave back to back before pacing starts (while nothing was learned).
 DEFAULT_BURST = 2
+#: Share of each period the pace leaves free. A server counts a request when it has read it,
+#: tens of milliseconds after it left, and threads wake late under load: at the exact limit the
+#: first 429 comes within a window even when the server's limit is the configured one (measured:
+#: one per run at 0.81 of the ceiling, against none at 0.91 with this margin).
+PACE_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class Params:
     limit: int
     period_s: float
     burst: int = DEFAULT_BURST
+    margin: float = PACE_MARGIN
 
     def __post_init__(self) -> None:
         if self.limit < 1 or self.period_s <= 0:
@@ -73,8 +79,8 @@ class Params:
 
     @property
     def interval_s(self) -> float:
-        """Emission interval at factor 1: ``limit`` per ``period`` including the burst."""
-        return self.period_s / (self.limit - self.effective_burst + 1)
+        """Emission interval at factor 1: ``limit`` per ``period`` (plus ``margin``) including the burst."""
+        return self.period_s * (1 + self.margin) / (self.limit - self.effective_burst + 1)
 
 
 @dataclass
