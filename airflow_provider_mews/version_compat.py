@@ -12,7 +12,7 @@ BaseHook                    ``airflow.sdk`` (3.1)                 ``airflow.hook
 Asset                       ``airflow.sdk`` (3.0)                 ``airflow.datasets.Dataset`` (2.11)
 AirflowException            ``airflow.sdk.exceptions`` (3.1)      ``airflow.exceptions`` (2.11, 3.0)
 AirflowFailException        ``airflow.sdk.exceptions`` (3.2)      ``airflow.exceptions`` (2.11-3.1)
-AirflowNotFoundException    ``airflow.sdk.exceptions`` (3.1)      ``airflow.exceptions`` (2.11, 3.0)
+AirflowNotFoundException    ``airflow.sdk.exceptions`` (3.2)      ``airflow.exceptions`` (2.11-3.1)
 mask_secret                 ``airflow.sdk.log`` (3.0)             ``airflow.utils.log.secrets_masker``
 ==========================  ====================================  =====================================
 
@@ -62,7 +62,7 @@ except ImportError:  # Airflow 2.11 to 3.1
 
 try:  # what ``BaseHook.get_connection`` raises for a conn_id nobody defined
     from airflow.sdk.exceptions import AirflowNotFoundException
-except ImportError:  # Airflow 2.11 and 3.0
+except ImportError:  # Airflow 2.11 to 3.1
     from airflow.exceptions import AirflowNotFoundException  # type: ignore[no-redef]
 
 try:
