@@ -4,8 +4,9 @@ Mews allows 200 requests per AccessToken per 30 s, one budget for every endpoint
 on a best-effort sliding window that "can be changed without prior notice". The limiter:
 
 * paces requests evenly at the configured average rate with a small burst (GCRA,
-  :mod:`.gcra`): an even pace fits any shorter window of the same rate, where a 30 s
-  window's 200 requests leaving in a burst would not;
+  :mod:`.gcra`), 2 % below it (``PACE_MARGIN``: a server counts a request only once it has
+  read it): an even pace fits any shorter window of the same rate, where a 30 s window's
+  200 requests leaving in a burst would not;
 * learns from 429s: it always honours ``Retry-After`` (nobody sends before it has passed,
   then callers leave one by one at the pace, never all at once), lowers the rate
   additively once per congestion epoch (every slot booked before the cut is booked again at
