@@ -124,7 +124,7 @@ class Checkpoint:
 
     @classmethod
     def start(
-        cls, store: StateStore, since: str, batch_size: int, max_active_requests: int = 8
+        cls, store: StateStore, since: str, batch_size: int, max_active_requests: int = 16
     ) -> Checkpoint:
         window = min(2 * max_active_requests, MAX_WINDOW)
         saved = store.load()

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -67,6 +68,39 @@ def test_gcra_paces_evenly_after_a_small_burst():
     many = [gcra.reserve(state, params, 100.0 + i * 0.01, None) for i in range(60)]
     assert max_in_window([s for s in many if s is not None], 10.0) == 11
     assert max_in_window([s for s in many if s is not None], 10.2 - 1e-9) == 11
+
+
+def test_while_the_rate_is_whole_each_tenth_of_the_period_is_front_loaded():
+    """200 per 30 s: 20 slots at once, the next 20 one window (3 s plus FRONT_MARGIN) later,
+    however many ask; any such window holds 20 and any 30 s at most 200. A 429 ends it: the even
+    pace at the cut rate from the hold's end; once the rate is whole again, windows resume."""
+    params = Params(limit=200, period_s=30.0)
+    assert (params.front_limit, params.front_window_s) == (20, pytest.approx(3.0 * (1 + gcra.FRONT_MARGIN)))
+    state = State()
+    slots = [gcra.reserve(state, params, 100.0 + i * 0.001, None) for i in range(120)]
+    assert slots[:20] == pytest.approx([100.0 + i * 0.001 for i in range(20)])
+    assert slots[20] == pytest.approx(slots[0] + params.front_window_s)
+    assert slots == sorted(slots)
+    assert max_in_window(slots, params.front_window_s - 1e-9) == 20
+    assert max_in_window(slots, 30.0) <= 200
+    assert len(state.log) == 20  # only the last window's slots are kept
+    # A 429: held, then even at the cut rate (no windows while the rate is cut).
+    now = slots[30]
+    assert gcra.on_429(state, params, now, 1.0, slots[25]) is True
+    assert all(t <= now for t in state.log)  # slots still ahead are booked again
+    after = [gcra.reserve(state, params, now, None) for _ in range(4)]
+    assert after[0] == pytest.approx(now + 1.0)
+    gaps = [b - a for a, b in itertools.pairwise(after)]
+    assert gaps == pytest.approx([params.interval_s / (1 - gcra.STEP)] * 3)
+    # Recovered (a long quiet spell): windows again, starting from what was sent.
+    later = now + 10_000.0
+    assert gcra.factor_at(state, params, later) == 1.0
+    again = [gcra.reserve(state, params, later, None) for _ in range(21)]
+    assert again[:20] == pytest.approx([later] * 20)
+    assert again[20] == pytest.approx(later + params.front_window_s)
+    # Limits under 20 per period, or front_windows=0: the even pace only.
+    assert Params(limit=19, period_s=30.0).front_limit == 0
+    assert Params(limit=200, period_s=30.0, front_windows=0).front_limit == 0
 
 
 def test_gcra_refuses_a_slot_beyond_the_wait_allowed_and_books_nothing():
@@ -258,6 +292,23 @@ def test_every_backend_paces_holds_and_learns(backend: Any, request: pytest.Fixt
     assert limiter.cuts == 1
 
 
+def test_every_backend_front_loads_as_the_pure_functions_say(backend: Any, request: pytest.FixtureRequest):
+    key = f"front-test-{request.node.name}-{time.time()}"
+    params = Params(limit=40, period_s=4.0)  # windows of 4 requests per 0.44 s
+    booked = [backend.reserve(key, params, None) for _ in range(9)]
+    slots = [slot for slot, _ in booked]
+    assert [s - slots[0] for s in slots[:4]] == pytest.approx([0.0] * 4, abs=0.05)
+    assert slots[4] - slots[0] == pytest.approx(params.front_window_s, abs=1e-6)
+    assert slots[8] - slots[4] == pytest.approx(params.front_window_s, abs=1e-6)
+    assert backend.reserve(key, params, 0.0) is None  # the next window is ahead: nothing booked
+    # A 429: every slot still ahead is forgotten, then the even pace at the cut rate.
+    assert backend.on_429(key, params, 0.0, slots[0]) is True
+    first, _ = backend.reserve(key, params, None)
+    second, _ = backend.reserve(key, params, None)
+    assert second - first == pytest.approx(params.interval_s / (1 - gcra.STEP), abs=1e-6)
+    assert first < slots[8]  # the forgotten slots no longer push the queue back
+
+
 def _seed(backend: Any, key: str, state: State) -> None:
     """Write a learned state straight into a backend's storage (as an earlier run left it)."""
     if isinstance(backend, MemoryBackend):
@@ -352,7 +403,7 @@ def test_every_backend_rebooks_slots_booked_before_a_cut(backend: Any, request: 
     assert waiter_slots == [bookings[1]]
 
 
-def test_a_state_file_of_the_previous_version_gains_the_peak_column(tmp_path: Path):
+def test_a_state_file_of_the_previous_version_gains_the_peak_and_log_columns(tmp_path: Path):
     import sqlite3
 
     path = tmp_path / "old.sqlite3"
@@ -368,6 +419,9 @@ def test_a_state_file_of_the_previous_version_gains_the_peak_column(tmp_path: Pa
     second, _ = backend.reserve("k", params, None)
     assert second - first == pytest.approx(params.interval_s / 0.9, rel=0.01)  # the learned factor is kept
     assert backend.on_429("k", params, 0.0, None) is True
+    front = Params(limit=40, period_s=4.0)
+    slots = [backend.reserve("new", front, None)[0] for _ in range(5)]  # type: ignore[index]
+    assert slots[4] - slots[0] == pytest.approx(front.front_window_s, abs=1e-6)
 
 
 def test_the_state_directory_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -446,6 +500,26 @@ def test_processes_on_one_token_share_one_window(where: str, tmp_path: Path, req
     assert all(len(set(p)) == 15 for p in per_process)
 
 
+@pytest.mark.parametrize("where", ["sqlite", "redis"])
+def test_processes_on_one_token_share_front_loaded_windows(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+):
+    """4 processes x 15 requests, limit 40 per 4 s (windows of 4 per 0.44 s): the union of their
+    slots never holds more than 4 in any window nor 40 in any 4 s, and the 60 leave in 15
+    windows, back to back (front-loaded together, not each process on its own)."""
+    env = {**os.environ, "MEWS_RATE_LIMIT_DIR": str(tmp_path / "state"), "PYTHONPATH": str(ROOT)}
+    redis_conn_id = ""
+    if where == "redis":
+        env["AIRFLOW_CONN_RATE_REDIS"] = redis_conn_env(request.getfixturevalue("redis_server"))
+        redis_conn_id = "rate_redis"
+    params = Params(40, 4.0)
+    slots = sorted(s for slots in run_workers(4, 15, 40, 4.0, env, redis_conn_id) for s in slots)
+    assert len(slots) == 60
+    assert max_in_window(slots, params.front_window_s - 1e-6) <= params.front_limit == 4
+    assert max_in_window(slots, 4.0) <= 40
+    assert slots[-1] - slots[0] == pytest.approx(14 * params.front_window_s, abs=0.3)
+
+
 def test_processes_through_a_real_sandbox_meet_no_429(tmp_path: Path):
     """3 worker processes call Mews (the sandbox, limiting to 6 per 0.8 s) through the hook with a
     connection saying 6 per 1 s: no 429 (each alone would send 6 per second, 18 together).
@@ -500,17 +574,50 @@ def test_processes_through_a_real_sandbox_meet_no_429(tmp_path: Path):
 # -- learning from a server that counts late --
 
 
-def test_the_hook_learns_a_shorter_window_and_a_lagging_count(
+def test_the_hook_front_loads_windows_a_lagging_server_of_a_tenth_of_the_period_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """The sandbox allows 10 requests per 1 s and counts each request 0-50 ms after it arrived;
-    the connection says 100 per 10 s (the same average). Pacing evenly at that average meets
-    the lag's 429s; the limiter must learn (honouring each Retry-After) and then stop meeting
+    """The sandbox allows 10 requests per 1 s and counts each request 0-100 ms after it arrived;
+    the connection says 100 per 10 s (the same average, over ten times the window). The hook
+    sends each window's 10 requests at once and meets no 429 in 60 requests."""
+    monkeypatch.setenv("MEWS_RATE_LIMIT_DIR", str(tmp_path / "state"))
+    with MewsSandbox() as sandbox:
+        sandbox.configure(rate_limit_requests=10, rate_limit_period_s=1.0, count_delay_ms=100, seed=7)
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_MEWS_LAG",
+            connection_json(sandbox.url, rate_limit_requests=100, rate_limit_period=10),
+        )
+        hook = MewsConnectorHook("mews_lag", max_retry_after_s=2.0)
+        calls = iter(range(60))
+
+        def work() -> None:
+            for _ in calls:
+                hook.call(CONFIG)
+
+        threads = [threading.Thread(target=work) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        counted = sorted(sandbox.counted_times(DEMO_ACCESS_TOKEN))
+        assert sandbox.stats().get("429", 0) == 0
+    assert len(counted) == 60
+    assert counted[9] - counted[0] < 0.3  # the first window's 10 left together (counted 0-100 ms late)
+    assert counted[-1] - counted[0] == pytest.approx(5 * 1.1, abs=0.4)  # 6 windows of 1.1 s
+    assert hook.limiter.cuts == 0
+
+
+def test_the_hook_learns_a_window_shorter_than_a_tenth_and_a_lagging_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The sandbox allows 5 requests per 0.5 s and counts each request 0-50 ms after it arrived;
+    the connection says 100 per 10 s (the same average). The front-loaded windows (10 per 1.1 s)
+    meet its 429s; the limiter must learn (honouring each Retry-After) and then stop meeting
     them: at most 5 in 90 requests, at most 1 in the last 45 and fewer than in the first 45
     (without learning, they keep coming at about the same rate)."""
     monkeypatch.setenv("MEWS_RATE_LIMIT_DIR", str(tmp_path / "state"))
     with MewsSandbox() as sandbox:
-        sandbox.configure(rate_limit_requests=10, rate_limit_period_s=1.0, count_delay_ms=50, seed=7)
+        sandbox.configure(rate_limit_requests=5, rate_limit_period_s=0.5, count_delay_ms=50, seed=7)
         monkeypatch.setenv(
             "AIRFLOW_CONN_MEWS_LAG",
             connection_json(sandbox.url, rate_limit_requests=100, rate_limit_period=10),

@@ -83,7 +83,8 @@ class LoyaltyMembershipAddOperator(BaseOperator):
     :param if_exists: ``"skip"``: never add a membership (account + program) Mews already
         has, at one getAll per batch; ``"add"``: add without checking; ``"update"``: upsert:
         add new rows, send only the changed fields of rows Mews has (README "Sync modes").
-    :param max_active_requests: batches in flight at once (all under the rate limiter).
+    :param max_active_requests: batches in flight at once (all under the rate limiter); 16 lets a
+        front-loaded window of 20 requests leave in two waves at ~1 s per 1000-row add.
     :param results_table: table (on ``output_conn_id``) receiving each row's Mews Id.
     :param rejections_table: table (on ``output_conn_id``) receiving each rejected row and why.
     :param output_conn_id: connection of the two tables; defaults to ``sql_conn_id``.
@@ -128,7 +129,7 @@ class LoyaltyMembershipAddOperator(BaseOperator):
         batch_size: int = 1000,
         max_rejected_rows: int = 0,
         if_exists: str = "skip",
-        max_active_requests: int = 8,
+        max_active_requests: int = 16,
         results_table: str | None = None,
         rejections_table: str | None = None,
         output_conn_id: str | None = None,

@@ -5,7 +5,7 @@ workers, mapped shards, other DAGs on the same AccessToken) books its slots in t
 one ``BEGIN IMMEDIATE`` transaction per request (SQLite's own file locking; no lock code of
 ours). The file sits in a private directory (mode 0700): ``$MEWS_RATE_LIMIT_DIR``, else
 ``$XDG_RUNTIME_DIR/airflow-provider-mews``, else ``<tempdir>/mews-<uid>``. It holds token
-*hashes*, times and learned factors, never a token.
+*hashes*, times, learned factors and the last slots booked, never a token.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ DIR_ENV = "MEWS_RATE_LIMIT_DIR"
 DB_NAME = "rate-limit.sqlite3"
 #: Rows untouched for this long are deleted (their factor has long recovered).
 STALE_S = 24 * 3600.0
+#: Columns added after the first version: ``peak`` (the recovery cap, 0.x) and ``log`` (the last
+#: slots of the front-loaded windows, as text: ``repr`` keeps every bit of a float).
+ADDED_COLUMNS = {"peak": "REAL NOT NULL DEFAULT 0", "log": "TEXT NOT NULL DEFAULT ''"}
 
 
 class MemoryBackend:
@@ -93,11 +96,12 @@ class SqliteBackend:
                 "factor REAL NOT NULL, cut REAL NOT NULL, used REAL NOT NULL, peak REAL NOT NULL DEFAULT 0)"
             )
             columns = {row[1] for row in conn.execute("PRAGMA table_info(gcra)")}
-            if "peak" not in columns:  # a file written by version 0.x before the recovery cap
-                try:
-                    conn.execute("ALTER TABLE gcra ADD COLUMN peak REAL NOT NULL DEFAULT 0")
-                except sqlite3.OperationalError:  # another process added it meanwhile
-                    pass
+            for name, kind in ADDED_COLUMNS.items():
+                if name not in columns:  # a file written by an earlier version
+                    try:
+                        conn.execute(f"ALTER TABLE gcra ADD COLUMN {name} {kind}")
+                    except sqlite3.OperationalError:  # another process added it meanwhile
+                        pass
             conn.execute("DELETE FROM gcra WHERE used < ?", (time.time() - STALE_S,))
         try:
             self.path.chmod(0o600)
@@ -119,14 +123,26 @@ class SqliteBackend:
             try:
                 now = time.time()
                 row = conn.execute(
-                    "SELECT tat, hold, factor, cut, peak FROM gcra WHERE key = ?", (key,)
+                    "SELECT tat, hold, factor, cut, peak, log FROM gcra WHERE key = ?", (key,)
                 ).fetchone()
-                state = State(*row) if row else State()
+                state = State()
+                if row:
+                    tat, hold, factor, cut, peak, slots = row
+                    state = State(tat, hold, factor, cut, peak, [float(t) for t in slots.split()])
                 result = change(state, now)  # type: ignore[operator]
                 conn.execute(
-                    "INSERT OR REPLACE INTO gcra (key, tat, hold, factor, cut, used, peak) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (key, state.tat, state.hold, state.factor, state.cut, now, state.peak),
+                    "INSERT OR REPLACE INTO gcra (key, tat, hold, factor, cut, used, peak, log) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        key,
+                        state.tat,
+                        state.hold,
+                        state.factor,
+                        state.cut,
+                        now,
+                        state.peak,
+                        " ".join(map(repr, state.log)),
+                    ),
                 )
                 conn.execute("COMMIT")
             except BaseException:

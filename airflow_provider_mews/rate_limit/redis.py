@@ -29,9 +29,10 @@ TTL_S = 24 * 3600
 SOCKET_TIMEOUT_S = 2.0
 
 # KEYS[1] = state hash. ARGV: op ("reserve" | "429" | "hold" | "stale"), limit-interval (s), burst,
-# period (s), then for reserve: max wait (s, or -1 for none); for 429: retry-after (s), slot (or -1);
-# for stale: the time the slot was booked (Redis clock).
-# Mirrors gcra.reserve / gcra.on_429 / gcra.must_rebook / gcra.factor_at.
+# period (s), front limit, front window (s), then for reserve: max wait (s, or -1 for none); for
+# 429: retry-after (s), slot (or -1); for stale: the time the slot was booked (Redis clock).
+# Mirrors gcra.reserve / gcra.on_429 / gcra.must_rebook / gcra.factor_at; the log of the last
+# slots is a space-separated string, as in the SQLite file.
 _LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -40,17 +41,22 @@ local op = ARGV[1]
 local interval0 = tonumber(ARGV[2])
 local burst0 = tonumber(ARGV[3])
 local period = tonumber(ARGV[4])
-local s = redis.call('HMGET', key, 'tat', 'hold', 'factor', 'cut', 'peak')
+local front_limit = tonumber(ARGV[5])
+local front_window = tonumber(ARGV[6])
+local s = redis.call('HMGET', key, 'tat', 'hold', 'factor', 'cut', 'peak', 'log')
 local tat = tonumber(s[1]) or 0
 local hold = tonumber(s[2]) or 0
 local factor = tonumber(s[3]) or 1
 local cut = tonumber(s[4]) or 0
 local peak = tonumber(s[5]) or 0
+local log = {}
+for w in string.gmatch(s[6] or '', '%S+') do log[#log + 1] = tonumber(w) end
+local function fmt(x) return string.format('%.17g', x) end
 if op == 'hold' then
-  return string.format('%.17g', math.max(0, hold - now))
+  return fmt(math.max(0, hold - now))
 end
 if op == 'stale' then
-  if now < hold or cut > tonumber(ARGV[5]) then return 1 end
+  if now < hold or cut > tonumber(ARGV[7]) then return 1 end
   return 0
 end
 local periods = math.max(0, now - cut) / period
@@ -59,24 +65,41 @@ if peak > 0 then f = math.min(f, __PEAK_MARGIN__ * peak + __PEAK_DECAY__ * perio
 f = math.min(1, math.max(factor, f))
 local result
 if op == 'reserve' then
-  local max_wait = tonumber(ARGV[5])
-  local interval = interval0 / f
-  local burst = burst0
-  if f < 1 then burst = 1 end
+  local max_wait = tonumber(ARGV[7])
   local start = math.max(now, hold)
+  if #log > 0 and log[#log] > start + period * 10 then log = {} end
   local q = math.max(tat, start)
   if q > start + period * 10 then q = start end
-  local slot = math.max(start, q - (burst - 1) * interval)
-  if max_wait >= 0 and slot - now > max_wait then
-    return {'', string.format('%.17g', now)}
+  local slot
+  if front_limit > 0 and f >= 1 then
+    slot = start
+    if #log > 0 then slot = math.max(slot, log[#log]) end
+    if #log >= front_limit then slot = math.max(slot, log[#log - front_limit + 1] + front_window) end
+    q = slot
+  else
+    local interval = interval0 / f
+    local burst = burst0
+    if f < 1 then burst = 1 end
+    slot = math.max(start, q - (burst - 1) * interval)
+    q = q + interval
   end
-  tat = q + interval
-  result = {string.format('%.17g', slot), string.format('%.17g', now)}
+  if max_wait >= 0 and slot - now > max_wait then
+    return {'', fmt(now)}
+  end
+  tat = q
+  if front_limit > 0 then
+    local i = #log + 1
+    while i > 1 and log[i - 1] > slot do i = i - 1 end
+    table.insert(log, i, slot)
+    while #log > front_limit do table.remove(log, 1) end
+  end
+  result = {fmt(slot), fmt(now)}
 else
-  local retry_after = tonumber(ARGV[5])
-  local slot = tonumber(ARGV[6])
+  local retry_after = tonumber(ARGV[7])
+  local slot = tonumber(ARGV[8])
   hold = math.max(hold, now + retry_after)
   tat = math.max(tat, hold)
+  while #log > 0 and log[#log] > now do log[#log] = nil end
   result = {'0', ''}
   if slot < 0 or slot >= cut then
     local step = __STEP__
@@ -88,9 +111,10 @@ else
     result = {'1', ''}
   end
 end
-redis.call('HSET', key, 'tat', string.format('%.17g', tat), 'hold', string.format('%.17g', hold),
-  'factor', string.format('%.17g', factor), 'cut', string.format('%.17g', cut),
-  'peak', string.format('%.17g', peak))
+local parts = {}
+for i = 1, #log do parts[i] = fmt(log[i]) end
+redis.call('HSET', key, 'tat', fmt(tat), 'hold', fmt(hold), 'factor', fmt(factor), 'cut', fmt(cut),
+  'peak', fmt(peak), 'log', table.concat(parts, ' '))
 redis.call('EXPIRE', key, __TTL__)
 return result
 """
@@ -134,7 +158,13 @@ class RedisBackend:
         return self._script(keys=[KEY_PREFIX + key], args=[str(a) for a in args])
 
     def _base(self, params: Params) -> list[Any]:
-        return [repr(params.interval_s), params.effective_burst, repr(params.period_s)]
+        return [
+            repr(params.interval_s),
+            params.effective_burst,
+            repr(params.period_s),
+            params.front_limit,
+            repr(params.front_window_s),
+        ]
 
     def reserve(self, key: str, params: Params, max_wait_s: float | None) -> tuple[float, float] | None:
         wait = -1.0 if max_wait_s is None else max(0.0, max_wait_s)
@@ -148,7 +178,7 @@ class RedisBackend:
         return cut in (b"1", "1")
 
     def hold_remaining(self, key: str) -> float:
-        return float(self._run(key, "hold", "0", "1", "1"))
+        return float(self._run(key, "hold", "0", "1", "1", "0", "0"))
 
     def stale(self, key: str, booked_at: float) -> bool:
-        return bool(int(self._run(key, "stale", "0", "1", "1", repr(booked_at))))
+        return bool(int(self._run(key, "stale", "0", "1", "1", "0", "0", repr(booked_at))))
