@@ -1,13 +1,14 @@
 """The rate limiter in a simulated clock: issue 10's adversarial server without the machine's load.
 
 ``python -m benchmarks.limiter_sim`` replays the operator's request pattern (``max_active_requests``
-workers, each add answered after 1.0 s, a getAll after 0.05 s before each add with
+workers, 16 by default, each add answered after 1.0 s, a getAll after 0.05 s before each add with
 ``if_exists="skip"``) against a model of the sandbox (20 requests per 3 s sliding window, each
 request counted 0-300 ms after it arrives, Retry-After = whole seconds until the oldest
 counted request leaves the window, as the sandbox answers). The limiter under test is the real
-one (:mod:`airflow_provider_mews.rate_limit.gcra`, connection default 200 / 30 s); two
-reference schedulers that are *told* the server's window show what pacing strategies can
-reach at all. Wall-clock runs (``benchmarks.run --adversarial``) depend on CPU: on a shared,
+one (:mod:`airflow_provider_mews.rate_limit.gcra`, connection default 200 / 30 s), beside its
+even pace alone (``front_windows=0``, the limiter of the previous release) and two reference
+schedulers *told* the server's window; a second table puts both limiters against servers
+that are not issue 10's (a window shorter than a tenth, a longer lag, Mews's own 200 / 30 s). Wall-clock runs (``benchmarks.run --adversarial``) depend on CPU: on a shared,
 loaded machine the sandbox process cannot serve 6.7 adds of 1000 items per second, and the
 limiter is then not what bounds the throughput.
 
@@ -93,7 +94,7 @@ def simulate(
     *,
     skip: bool,
     batches: int = 100,
-    workers: int = 8,
+    workers: int = 16,
     add_latency_s: float = 1.0,
     getall_latency_s: float = 0.05,
     limit: int = 20,
@@ -168,13 +169,18 @@ def main(argv: list[str] | None = None) -> None:
     seeds = range(args.seeds)
     strategies: dict[str, Callable[[], Scheduler]] = {
         "before issue 10: sliding window 200 per 30.05 s": lambda: SlidingLog(200, 30.05),
-        "provider limiter (learns; connection 200/30)": lambda: LearningGcra(Params(200, 30.0)),
-        "reference: even pace, told 20 per 3.3 s": lambda: LearningGcra(Params(20, 3.3, burst=1, margin=0.0)),
+        "provider limiter (windows of a tenth; connection 200/30)": lambda: LearningGcra(Params(200, 30.0)),
+        "its even pace alone (front_windows=0, the previous release)": lambda: LearningGcra(
+            Params(200, 30.0, front_windows=0)
+        ),
+        "reference: even pace, told 20 per 3.3 s": lambda: LearningGcra(
+            Params(20, 3.3, burst=1, margin=0.0, front_windows=0)
+        ),
         "reference: sliding log, told 20 per 3.3 s": lambda: SlidingLog(20, 3.3),
     }
     lines = [
         "Simulated (`python -m benchmarks.limiter_sim`): server 20 requests / 3 s counting 0-300 ms late, "
-        f"8 workers, add 1.0 s, getAll 0.05 s, 100 batches of 1000 rows; median (worst) of {args.seeds} seeds.",
+        f"16 workers, add 1.0 s, getAll 0.05 s, 100 batches of 1000 rows; median (worst) of {args.seeds} seeds.",
         "",
         '| scheduler | `"add"` fraction of ceiling | 429s | `"skip"` fraction of ceiling | 429s |',
         "|---|---|---|---|---|",
@@ -184,11 +190,45 @@ def main(argv: list[str] | None = None) -> None:
         for skip in (False, True):
             cells += _cells([simulate(make(), skip=skip, seed=seed) for seed in seeds])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Other servers (connection 200/30, 16 workers; 8 workers where named): the windows of a tenth "
+        'against the even pace alone, `"add"` and `"skip"`; median (worst) of '
+        f"{args.seeds} seeds.",
+        "",
+        '| server | limiter | `"add"` fraction of ceiling | 429s | `"skip"` fraction of ceiling | 429s |',
+        "|---|---|---|---|---|---|",
+    ]
+    servers: dict[str, dict[str, Any]] = {
+        "20 / 3 s, count 0-300 ms late, 8 workers": {"workers": 8},
+        "20 / 3 s, count 0-500 ms late": {"count_delay_s": 0.5},
+        "20 / 3 s, count 0-300 ms late, threads 30 ms late": {"late_s": 0.03},
+        "10 / 1.5 s (shorter than a tenth), 0-300 ms late": {"limit": 10, "window_s": 1.5},
+        "40 / 6 s, 0-300 ms late": {"limit": 40, "window_s": 6.0},
+        "200 / 30 s (Mews's), 0-50 ms late, 1000 batches": {
+            "limit": 200, "window_s": 30.0, "count_delay_s": 0.05, "batches": 1000
+        },
+    }  # fmt: skip
+    for server, kwargs in servers.items():
+        for name, front_windows in (("windows of a tenth", gcra.FRONT_WINDOWS), ("even pace alone", 0)):
+            cells = []
+            for skip in (False, True):
+                runs = [
+                    simulate(
+                        LearningGcra(Params(200, 30.0, front_windows=front_windows)),
+                        skip=skip,
+                        seed=seed,
+                        **kwargs,
+                    )
+                    for seed in seeds
+                ]
+                cells += _cells(runs)
+            lines.append(f"| {server} | {name} | " + " | ".join(cells) + " |")
     if args.scale_workers:
         lines += [
             "",
             'Many workers on one token (as `benchmarks.scale_out`: 200 batches, `"skip"`, the provider '
-            f"limiter at 200/30); median (worst) of {args.seeds} seeds.",
+            f"limiter at 200/30, server 20 / 3 s counting 0-300 ms late); median (worst) of {args.seeds} seeds.",
             "",
             "| workers | sends on time: fraction of ceiling | 429s | sends 60 ms late on average "
             "(a loaded machine) | 429s |",
@@ -222,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     for margin in (0.0, gcra.PACE_MARGIN):
         runs = [
             simulate(
-                LearningGcra(Params(20, 3.0, margin=margin)),
+                LearningGcra(Params(20, 3.0, margin=margin)),  # 2 per window: the even pace only
                 skip=False,
                 batches=150,
                 count_delay_s=0.05,

@@ -73,7 +73,7 @@ def test_gcra_paces_evenly_after_a_small_burst():
 def test_while_the_rate_is_whole_each_tenth_of_the_period_is_front_loaded():
     """200 per 30 s: 20 slots at once, the next 20 one window (3 s plus FRONT_MARGIN) later,
     however many ask; any such window holds 20 and any 30 s at most 200. A 429 ends it: the even
-    pace at the cut rate from the hold's end; once the rate is whole again, windows resume."""
+    pace at the cut rate from the hold's end; windows resume an hour after the 429."""
     params = Params(limit=200, period_s=30.0)
     assert (params.front_limit, params.front_window_s) == (20, pytest.approx(3.0 * (1 + gcra.FRONT_MARGIN)))
     state = State()
@@ -92,14 +92,20 @@ def test_while_the_rate_is_whole_each_tenth_of_the_period_is_front_loaded():
     assert after[0] == pytest.approx(now + 1.0)
     gaps = [b - a for a, b in itertools.pairwise(after)]
     assert gaps == pytest.approx([params.interval_s / (1 - gcra.STEP)] * 3)
-    # Recovered (a long quiet spell): windows again, starting from what was sent.
-    later = now + 10_000.0
+    # The rate whole again (33 periods on) but the 429 recent: even, not in windows.
+    whole = now + 1000.0
+    assert gcra.factor_at(state, params, whole) == 1.0
+    even = [gcra.reserve(state, params, whole, None) for _ in range(5)]
+    assert even[4] - even[0] == pytest.approx(3 * params.interval_s)  # a burst of 2, then even
+    # An hour (FRONT_RETRY_PERIODS) after the 429: windows again, starting from what was sent.
+    later = now + gcra.FRONT_RETRY_PERIODS * 30.0 + 1.0
     assert gcra.factor_at(state, params, later) == 1.0
     again = [gcra.reserve(state, params, later, None) for _ in range(21)]
     assert again[:20] == pytest.approx([later] * 20)
     assert again[20] == pytest.approx(later + params.front_window_s)
-    # Limits under 20 per period, or front_windows=0: the even pace only.
-    assert Params(limit=19, period_s=30.0).front_limit == 0
+    # Under 10 per window (100 per period), or front_windows=0: the even pace only.
+    assert Params(limit=99, period_s=30.0).front_limit == 0
+    assert Params(limit=100, period_s=30.0).front_limit == 10
     assert Params(limit=200, period_s=30.0, front_windows=0).front_limit == 0
 
 
@@ -294,19 +300,18 @@ def test_every_backend_paces_holds_and_learns(backend: Any, request: pytest.Fixt
 
 def test_every_backend_front_loads_as_the_pure_functions_say(backend: Any, request: pytest.FixtureRequest):
     key = f"front-test-{request.node.name}-{time.time()}"
-    params = Params(limit=40, period_s=4.0)  # windows of 4 requests per 0.44 s
-    booked = [backend.reserve(key, params, None) for _ in range(9)]
-    slots = [slot for slot, _ in booked]
-    assert [s - slots[0] for s in slots[:4]] == pytest.approx([0.0] * 4, abs=0.05)
-    assert slots[4] - slots[0] == pytest.approx(params.front_window_s, abs=1e-6)
-    assert slots[8] - slots[4] == pytest.approx(params.front_window_s, abs=1e-6)
+    params = Params(limit=100, period_s=4.0)  # windows of 10 requests per 0.44 s
+    slots = [slot for slot, _ in (backend.reserve(key, params, None) for _ in range(21))]
+    assert [s - slots[0] for s in slots[:10]] == pytest.approx([0.0] * 10, abs=0.05)
+    assert slots[10] - slots[0] == pytest.approx(params.front_window_s, abs=1e-6)
+    assert slots[20] - slots[10] == pytest.approx(params.front_window_s, abs=1e-6)
     assert backend.reserve(key, params, 0.0) is None  # the next window is ahead: nothing booked
     # A 429: every slot still ahead is forgotten, then the even pace at the cut rate.
     assert backend.on_429(key, params, 0.0, slots[0]) is True
     first, _ = backend.reserve(key, params, None)
     second, _ = backend.reserve(key, params, None)
     assert second - first == pytest.approx(params.interval_s / (1 - gcra.STEP), abs=1e-6)
-    assert first < slots[8]  # the forgotten slots no longer push the queue back
+    assert first < slots[20]  # the forgotten slots no longer push the queue back
 
 
 def _seed(backend: Any, key: str, state: State) -> None:
@@ -329,6 +334,21 @@ def _seed(backend: Any, key: str, state: State) -> None:
             "peak": state.peak,
         }
         backend.client.hset(KEY_PREFIX + key, mapping={k: repr(v) for k, v in fields.items()})
+
+
+@pytest.mark.parametrize(("periods_since_429", "in_windows"), [(30.0, False), (130.0, True)])
+def test_every_backend_front_loads_again_only_an_hour_after_a_429(
+    backend: Any, request: pytest.FixtureRequest, periods_since_429: float, in_windows: bool
+):
+    key = f"front-retry-{request.node.name}-{time.time()}"
+    params = Params(limit=100, period_s=4.0)  # windows of 10 per 0.44 s; even: 4.08 / 99 s apart
+    _seed(backend, key, State(factor=1.0, cut=time.time() - periods_since_429 * 4.0, peak=1.0))
+    slots = [slot for slot, _ in (backend.reserve(key, params, None) for _ in range(10))]
+    spread = slots[-1] - slots[0]
+    if in_windows:
+        assert spread == pytest.approx(0.0, abs=0.05)
+    else:
+        assert spread == pytest.approx(8 * params.interval_s, abs=1e-6)  # a burst of 2, then even
 
 
 @pytest.mark.parametrize(
@@ -419,9 +439,9 @@ def test_a_state_file_of_the_previous_version_gains_the_peak_and_log_columns(tmp
     second, _ = backend.reserve("k", params, None)
     assert second - first == pytest.approx(params.interval_s / 0.9, rel=0.01)  # the learned factor is kept
     assert backend.on_429("k", params, 0.0, None) is True
-    front = Params(limit=40, period_s=4.0)
-    slots = [backend.reserve("new", front, None)[0] for _ in range(5)]  # type: ignore[index]
-    assert slots[4] - slots[0] == pytest.approx(front.front_window_s, abs=1e-6)
+    front = Params(limit=100, period_s=4.0)
+    slots = [backend.reserve("new", front, None)[0] for _ in range(11)]  # type: ignore[index]
+    assert slots[10] - slots[0] == pytest.approx(front.front_window_s, abs=1e-6)
 
 
 def test_the_state_directory_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -504,20 +524,20 @@ def test_processes_on_one_token_share_one_window(where: str, tmp_path: Path, req
 def test_processes_on_one_token_share_front_loaded_windows(
     where: str, tmp_path: Path, request: pytest.FixtureRequest
 ):
-    """4 processes x 15 requests, limit 40 per 4 s (windows of 4 per 0.44 s): the union of their
-    slots never holds more than 4 in any window nor 40 in any 4 s, and the 60 leave in 15
+    """4 processes x 15 requests, limit 100 per 4 s (windows of 10 per 0.44 s): the union of their
+    slots never holds more than 10 in any window nor 100 in any 4 s, and the 60 leave in 6
     windows, back to back (front-loaded together, not each process on its own)."""
     env = {**os.environ, "MEWS_RATE_LIMIT_DIR": str(tmp_path / "state"), "PYTHONPATH": str(ROOT)}
     redis_conn_id = ""
     if where == "redis":
         env["AIRFLOW_CONN_RATE_REDIS"] = redis_conn_env(request.getfixturevalue("redis_server"))
         redis_conn_id = "rate_redis"
-    params = Params(40, 4.0)
-    slots = sorted(s for slots in run_workers(4, 15, 40, 4.0, env, redis_conn_id) for s in slots)
+    params = Params(100, 4.0)
+    slots = sorted(s for slots in run_workers(4, 15, 100, 4.0, env, redis_conn_id) for s in slots)
     assert len(slots) == 60
-    assert max_in_window(slots, params.front_window_s - 1e-6) <= params.front_limit == 4
-    assert max_in_window(slots, 4.0) <= 40
-    assert slots[-1] - slots[0] == pytest.approx(14 * params.front_window_s, abs=0.3)
+    assert max_in_window(slots, params.front_window_s - 1e-6) <= params.front_limit == 10
+    assert max_in_window(slots, 4.0) <= 100
+    assert slots[-1] - slots[0] == pytest.approx(5 * params.front_window_s, abs=0.3)
 
 
 def test_processes_through_a_real_sandbox_meet_no_429(tmp_path: Path):

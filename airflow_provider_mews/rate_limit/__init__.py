@@ -3,10 +3,13 @@
 Mews allows 200 requests per AccessToken per 30 s, one budget for every endpoint, enforced
 on a best-effort sliding window that "can be changed without prior notice". The limiter:
 
-* paces requests evenly at the configured average rate with a small burst (GCRA,
-  :mod:`.gcra`), 2 % below it (``PACE_MARGIN``: a server counts a request only once it has
-  read it): an even pace fits any shorter window of the same rate, where a 30 s window's
-  200 requests leaving in a burst would not;
+* sends windows of a tenth while nothing was learned: at most ``limit / 10`` requests in any
+  ``period / 10`` plus 10 % (``FRONT_MARGIN``), each window's requests at once, which any server
+  window from a tenth of the period up holds at the same average rate even when it counts
+  requests late, where a 30 s window's 200 requests leaving in a burst would not; and a
+  run's last window leaves together, not one by one as at an even pace (:mod:`.gcra`);
+* after a 429 (and for limits under 100 per period), paces requests evenly (GCRA) with a small
+  burst, 2 % below the rate (``PACE_MARGIN``: a server counts a request only once it has read it);
 * learns from 429s: it always honours ``Retry-After`` (nobody sends before it has passed,
   then callers leave one by one at the pace, never all at once), lowers the rate
   additively once per congestion epoch (every slot booked before the cut is booked again at

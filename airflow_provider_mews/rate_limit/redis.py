@@ -14,6 +14,7 @@ from typing import Any
 
 from airflow_provider_mews.rate_limit.gcra import (
     FACTOR_MIN,
+    FRONT_RETRY_PERIODS,
     PEAK_DECAY,
     PEAK_MARGIN,
     RECOVERY_DELAY_PERIODS,
@@ -31,7 +32,7 @@ SOCKET_TIMEOUT_S = 2.0
 # KEYS[1] = state hash. ARGV: op ("reserve" | "429" | "hold" | "stale"), limit-interval (s), burst,
 # period (s), front limit, front window (s), then for reserve: max wait (s, or -1 for none); for
 # 429: retry-after (s), slot (or -1); for stale: the time the slot was booked (Redis clock).
-# Mirrors gcra.reserve / gcra.on_429 / gcra.must_rebook / gcra.factor_at; the log of the last
+# Mirrors gcra.reserve / gcra.on_429 / gcra.must_rebook / gcra.factor_at / gcra.front_allowed; the log of the last
 # slots is a space-separated string, as in the SQLite file.
 _LUA = """
 local t = redis.call('TIME')
@@ -71,7 +72,7 @@ if op == 'reserve' then
   local q = math.max(tat, start)
   if q > start + period * 10 then q = start end
   local slot
-  if front_limit > 0 and f >= 1 then
+  if front_limit > 0 and f >= 1 and (peak == 0 or now - cut >= __FRONT_RETRY__ * period) then
     slot = start
     if #log > 0 then slot = math.max(slot, log[#log]) end
     if #log >= front_limit then slot = math.max(slot, log[#log - front_limit + 1] + front_window) end
@@ -127,6 +128,7 @@ _CONSTANTS = {
     "__REFINE_STEP__": repr(REFINE_STEP),
     "__STEP__": repr(STEP),
     "__TTL__": str(TTL_S),
+    "__FRONT_RETRY__": repr(FRONT_RETRY_PERIODS),
 }
 LUA = _LUA
 for _name, _value in _CONSTANTS.items():
