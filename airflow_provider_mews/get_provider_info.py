@@ -49,7 +49,8 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     "rate_limit_requests": {
         "label": "Rate limit: requests",
         "description": "Requests per AccessToken per rate-limit period (Mews: 200). Workers sharing the "
-        "token share this budget; the client paces evenly and slows down after a 429.",
+        "token share this budget; the client sends a tenth of it per tenth of the period, and paces "
+        "evenly and slows down after a 429.",
         "schema": {"type": ["integer", "null"], "minimum": 1, "default": 200},
     },
     "rate_limit_period": {

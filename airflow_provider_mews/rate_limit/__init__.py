@@ -1,4 +1,4 @@
-"""One request budget per AccessToken, paced evenly, learned from the server, shared by every worker.
+"""One request budget per AccessToken, paced by windows, learned from the server, shared by every worker.
 
 Mews allows 200 requests per AccessToken per 30 s, one budget for every endpoint, enforced
 on a best-effort sliding window that "can be changed without prior notice". The limiter:

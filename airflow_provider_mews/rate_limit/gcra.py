@@ -5,45 +5,47 @@ mirrors these functions line by line) stores the same :class:`State` per AccessT
 numbers and the last few slots) and applies these two transitions atomically:
 
 ``reserve``
-    While the rate is whole (no 429 yet, or none for ``FRONT_RETRY_PERIODS``): windows of a tenth. At most
-    ``limit / 10`` requests in any ``period / 10`` plus ``FRONT_MARGIN`` (20 per 3.3 s at
-    Mews's 200 per 30 s), each window's requests leaving at once. Any server window from a
-    tenth of the period up holds them at the same average rate, and the margin covers a count
-    that lags by up to a tenth of that window. Why not only the even pace below: a server
-    counting late needs the same margin from an even pace, which then sends a run's last
-    requests one by one where windows send them together (against 20 per 3 s counting
-    0-300 ms late, simulated: 0.87 of the ceiling at best evenly, 0.93-0.99 in windows). The
-    price: against a server enforcing exactly 200 per 30 s, a long run keeps 0.91 of the
-    ceiling where the even pace keeps 0.97.
+    While the rate is whole (no cut yet, or none for ``FRONT_RETRY_PERIODS``): windows of a
+    tenth. At most ``limit // 10`` requests in any ``limit // 10`` intervals of the rate plus
+    ``FRONT_MARGIN`` (20 per 3.3 s at Mews's 200 per 30 s), each window's requests leaving at
+    once. Any server window from a tenth of the period up holds them at the same average
+    rate, and the margin covers a count that lags by up to a tenth of that window. Why not
+    only the even pace below: a server counting late needs the same margin from an even pace,
+    which then sends a run's last requests one by one where windows send them together
+    (against 20 per 3 s counting 0-300 ms late, simulated: 0.87 of the ceiling at best evenly,
+    0.93-0.99 in windows). The price: against a server enforcing exactly 200 per 30 s, a long
+    run keeps 0.91 of the ceiling where the even pace keeps 0.97.
 
     Once a 429 has cut the rate, and for limits under ``FRONT_MIN_REQUESTS`` per window:
     GCRA (the "virtual scheduling" form of a leaky bucket): requests leave evenly, one per
-    emission interval ``T = period * (1 + margin) / (limit - burst + 1) / factor``, with a tolerance of
-    ``burst - 1`` requests. Any window of ``period`` seconds then holds at most ``limit``
-    requests, and, because the pace is even, so does any *shorter* window of the same
-    average rate (Mews may enforce one: its limits "can be changed without prior notice").
+    emission interval ``T = period * (1 + margin) / (limit - burst + 1) / factor``, with a
+    tolerance of ``burst - 1`` requests. Any window of ``period`` seconds then holds at most
+    ``limit`` requests, and, because the pace is even, so does any *shorter* window of the
+    same average rate (Mews may enforce one: its limits "can be changed without prior notice").
 
     Either way a caller is given a slot (a time, possibly in the future) and the slot is booked
     at once, so waiting threads leave in order instead of all polling the same instant. The
     last ``front_limit`` slots are kept at either pace, so windows resume from what was sent.
 ``on_429``
     Learn from the server: always hold every caller until ``Retry-After`` has passed (slots
-    booked beyond now are forgotten), then resume at the pace, one by one. The first 429 of a congestion epoch (a request that was
-    given its slot after the last cut) lowers ``factor`` additively by ``STEP``, drops the
-    burst to 1 and restarts the GCRA queue at the hold's end: every slot booked before the cut
-    is stale (:func:`must_rebook`), so the 32-64 threads already waiting, in every process, book
-    again at the new pace instead of spending 5-10 s of slots at the old one, which would fill
-    the server's window again and cost a second cut. 429s of requests already in flight at the
-    cut are honoured but teach nothing new (one cut per epoch, as TCP does). A 429 at the very
-    rate the last cut set (nothing recovered since) cuts only ``REFINE_STEP``.
+    booked beyond now are forgotten), then resume at the pace, one by one. The first 429 of a
+    congestion epoch (a request that was given its slot after the last cut) lowers ``factor``
+    additively by ``STEP``, drops the burst to 1 and restarts the GCRA queue at the hold's end:
+    every slot booked before the cut is stale (:func:`must_rebook`), so the 32-64 threads
+    already waiting, in every process, book again at the new pace instead of spending 5-10 s of
+    slots at the old one, which would fill the server's window again and cost a second cut.
+    429s of requests already in flight at the cut are honoured but teach nothing new (one cut
+    per epoch, as TCP does). A 429 at the very rate the last cut set (nothing recovered since)
+    cuts only ``REFINE_STEP``.
 
 Recovery (AIMD's slow increase) is careful because each cut costs ~2 429s (the requests in
 flight): the factor stays where the cut put it for ``RECOVERY_DELAY_PERIODS`` periods, then
 recovers ``RECOVERY_STEP`` per period, but never above ``PEAK_MARGIN`` times the factor at
 which the last 429 came (``peak``); that memory fades by ``PEAK_DECAY`` per period, so a
 limit that was raised is found again after some minutes. The burst comes back once the
-factor is whole again, the windows an hour after the last 429. The state outlives a task (a day without use), so runs, and mapped
-shards that start later, begin at the learned pace while it lasts.
+factor is whole again, the windows ``FRONT_RETRY_PERIODS`` after the last cut (an hour at
+30 s). The state outlives a task (a day without use), so runs, and mapped shards that start
+later, begin at the learned pace while it lasts.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def factor_at(state: State, params: Params, now: float) -> float:
 
 
 def front_allowed(state: State, params: Params, now: float) -> bool:
-    """Whether windows may be front-loaded: no 429 yet, or none for ``FRONT_RETRY_PERIODS``."""
+    """Whether windows may be front-loaded: no cut yet, or none for ``FRONT_RETRY_PERIODS`` periods."""
     return state.peak == 0 or now - state.cut >= FRONT_RETRY_PERIODS * params.period_s
 
 
@@ -184,7 +186,9 @@ def on_429(state: State, params: Params, now: float, retry_after_s: float, slot:
     """Apply a 429 answered to the request sent in ``slot``. True when it lowered the factor."""
     state.hold = max(state.hold, now + retry_after_s)
     state.tat = max(state.tat, state.hold)
-    state.log = [t for t in state.log if t <= now]  # slots still ahead are booked again (must_rebook)
+    state.log = [
+        t for t in state.log if t <= now
+    ]  # slots ahead: forgotten (after a cut, rebooked: must_rebook)
     if slot is not None and slot < state.cut:
         return False  # sent before the last cut: already learned from
     factor = factor_at(state, params, now)
