@@ -106,6 +106,15 @@ def test_while_the_rate_is_whole_each_tenth_of_the_period_is_front_loaded():
     # Under 10 per window (100 per period), or front_windows=0: the even pace only.
     assert Params(limit=99, period_s=30.0).front_limit == 0
     assert Params(limit=100, period_s=30.0).front_limit == 10
+    # Over 100 per window (a limit far above Mews's, or lifted): the even pace, and no log.
+    assert Params(limit=1009, period_s=30.0).front_limit == 100
+    assert Params(limit=1010, period_s=30.0).front_limit == 0
+    lifted = Params(limit=1_000_000, period_s=1.0)
+    assert lifted.front_limit == 0
+    state = State(log=[99.0] * 500)  # as a version that kept windows of 100 000 left it
+    for i in range(1000):
+        gcra.reserve(state, lifted, 100.0 + i * 1e-3, None)
+    assert state.log == []
     assert Params(limit=200, period_s=30.0, front_windows=0).front_limit == 0
 
 

@@ -16,7 +16,8 @@ numbers and the last few slots) and applies these two transitions atomically:
     0.93-0.99 in windows). The price: against a server enforcing exactly 200 per 30 s, a long
     run keeps 0.91 of the ceiling where the even pace keeps 0.97.
 
-    Once a 429 has cut the rate, and for limits under ``FRONT_MIN_REQUESTS`` per window:
+    Once a 429 has cut the rate, and for limits under ``FRONT_MIN_REQUESTS`` or over
+    ``FRONT_MAX_REQUESTS`` per window:
     GCRA (the "virtual scheduling" form of a leaky bucket): requests leave evenly, one per
     emission interval ``T = period * (1 + margin) / (limit - burst + 1) / factor``, with a
     tolerance of ``burst - 1`` requests. Any window of ``period`` seconds then holds at most
@@ -76,6 +77,9 @@ FRONT_WINDOWS = 10
 #: Fewer requests per window gain little (a window's requests leave together, but its margin
 #: is paid all along): the even pace only, as for the 20 per 3 s of the benchmark's connection.
 FRONT_MIN_REQUESTS = 10
+#: More than this per window (limits far above Mews's 200 per 30 s, or a limit lifted for a
+#: test): the even pace, whose state stays five numbers (every booking reads and writes the log).
+FRONT_MAX_REQUESTS = 100
 #: After a 429, windows come back only this many periods later (an hour at 30 s), even once the
 #: rate is whole again: a server whose window is shorter than a tenth refuses a window's
 #: requests in flight at once (7-11 429s simulated), so it must not meet them every few minutes.
@@ -113,7 +117,7 @@ class Params:
     def front_limit(self) -> int:
         """Requests per front-loaded window (0: none, the even pace only)."""
         per_window = self.limit // self.front_windows if self.front_windows > 0 else 0
-        return per_window if per_window >= FRONT_MIN_REQUESTS else 0
+        return per_window if FRONT_MIN_REQUESTS <= per_window <= FRONT_MAX_REQUESTS else 0
 
     @property
     def front_window_s(self) -> float:
@@ -179,6 +183,8 @@ def reserve(state: State, params: Params, now: float, max_wait_s: float | None) 
     if params.front_limit:  # kept at every pace: front-loading resumes from what was sent
         log = [*log, slot] if not log or slot >= log[-1] else sorted([*log, slot])
         state.log = log[-params.front_limit :]
+    elif state.log:
+        state.log = []
     return slot
 
 

@@ -93,6 +93,8 @@ if op == 'reserve' then
     while i > 1 and log[i - 1] > slot do i = i - 1 end
     table.insert(log, i, slot)
     while #log > front_limit do table.remove(log, 1) end
+  else
+    log = {}
   end
   result = {fmt(slot), fmt(now)}
 else
