@@ -20,6 +20,8 @@ class MewsError(Exception):
     #: True when simply trying again later can succeed (5xx, 408, 429, network).
     retryable: bool = False
     hint: str = ""
+    #: True when the fix is in the Airflow connection (token, host): the text names it.
+    names_connection: bool = False
 
     def __init__(
         self,
@@ -30,8 +32,10 @@ class MewsError(Exception):
         operation: str | None = None,
         details: Any = None,
         may_have_been_processed: bool | None = None,
+        conn_id: str | None = None,
     ) -> None:
         self.message = message
+        self.conn_id = conn_id
         self.status = status
         self.request_id = request_id
         self.operation = operation
@@ -49,6 +53,8 @@ class MewsError(Exception):
         parts.append(f"RequestId={self.request_id or 'none'}")
         if self.hint:
             parts.append(self.hint)
+        if self.names_connection and self.conn_id:
+            parts.append(f"Airflow connection: '{self.conn_id}'.")
         if self.may_have_been_processed:
             parts.append("The request may have been processed by Mews; reconcile before re-sending.")
         return " | ".join(parts)
@@ -77,6 +83,8 @@ class MewsBadRequestError(MewsError):
 class MewsAuthenticationError(MewsError):
     """401: invalid or expired ClientToken/AccessToken, or no permission for the operation."""
 
+    names_connection = True
+
     hint = (
         "Check the connection's AccessToken (password) and extra.client_token, and that the "
         "integration is enabled for this enterprise. Not retried."
@@ -92,6 +100,7 @@ class MewsForbiddenError(MewsError):
 class MewsNotFoundError(MewsError):
     """404: wrong platform address or operation."""
 
+    names_connection = True
     hint = (
         "Check the connection's host: it must be the platform address only, e.g. "
         "https://api.mews.com or https://api.mews-demo.com. Not retried."

@@ -171,6 +171,8 @@ def test_401_wrong_token_is_not_retried(make_hook, mews_sandbox):
     check_error_text(info.value, 401, "Invalid ClientToken or AccessToken")
     assert wrong not in str(info.value)
     assert "AccessToken (password) and extra.client_token" in str(info.value)
+    assert info.value.conn_id == hook.mews_conn_id
+    assert f"Airflow connection: '{hook.mews_conn_id}'." in str(info.value)
     assert requests_to(mews_sandbox, CONFIG) == 1
     with pytest.raises(MewsAuthenticationError) as info:
         hook.add_loyalty_memberships(items(1))

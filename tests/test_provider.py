@@ -103,6 +103,7 @@ def test_hook_test_connection_fails_clearly_for_a_wrong_token(mews_sandbox, monk
     assert ok is False
     assert "HTTP 401" in message and "Invalid ClientToken or AccessToken" in message
     assert "Check the connection's AccessToken (password) and extra.client_token" in message
+    assert "Airflow connection: 'mews_wrong'." in message
     assert WRONG_ACCESS not in message and DEMO_CLIENT_TOKEN not in message
 
 

@@ -563,6 +563,7 @@ class MewsConnectorHook(BaseHook):
             details=details,
             # Only an add cares whether it may have been stored; a read is simply repeated.
             may_have_been_processed=False if idempotent else None,
+            conn_id=self.mews_conn_id,
         )
 
     def _decode(self, response: requests.Response, operation: str, ids_only: bool = False) -> Any:
