@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -603,20 +604,31 @@ def test_processes_through_a_real_sandbox_meet_no_429(tmp_path: Path):
 # -- learning from a server that counts late --
 
 
+@contextlib.contextmanager
+def lagging_mews(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, limit: int, period_s: float, lag_ms: float
+) -> Iterator[tuple[MewsSandbox, MewsConnectorHook]]:
+    """A sandbox enforcing ``limit`` per ``period_s``, counting each request 0-``lag_ms`` late, and a
+    hook whose connection says 100 per 10 s (Mews's rate scaled: its own window is longer)."""
+    monkeypatch.setenv("MEWS_RATE_LIMIT_DIR", str(tmp_path / "state"))
+    with MewsSandbox() as sandbox:
+        sandbox.configure(
+            rate_limit_requests=limit, rate_limit_period_s=period_s, count_delay_ms=lag_ms, seed=7
+        )
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_MEWS_LAG",
+            connection_json(sandbox.url, rate_limit_requests=100, rate_limit_period=10),
+        )
+        yield sandbox, MewsConnectorHook("mews_lag", max_retry_after_s=2.0)
+
+
 def test_the_hook_front_loads_windows_a_lagging_server_of_a_tenth_of_the_period_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """The sandbox allows 10 requests per 1 s and counts each request 0-100 ms after it arrived;
     the connection says 100 per 10 s (the same average, over ten times the window). The hook
     sends each window's 10 requests at once and meets no 429 in 60 requests."""
-    monkeypatch.setenv("MEWS_RATE_LIMIT_DIR", str(tmp_path / "state"))
-    with MewsSandbox() as sandbox:
-        sandbox.configure(rate_limit_requests=10, rate_limit_period_s=1.0, count_delay_ms=100, seed=7)
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_MEWS_LAG",
-            connection_json(sandbox.url, rate_limit_requests=100, rate_limit_period=10),
-        )
-        hook = MewsConnectorHook("mews_lag", max_retry_after_s=2.0)
+    with lagging_mews(monkeypatch, tmp_path, 10, 1.0, 100) as (sandbox, hook):
         calls = iter(range(60))
 
         def work() -> None:
@@ -644,14 +656,7 @@ def test_the_hook_learns_a_window_shorter_than_a_tenth_and_a_lagging_count(
     meet its 429s; the limiter must learn (honouring each Retry-After) and then stop meeting
     them: at most 5 in 90 requests, at most 1 in the last 45 and fewer than in the first 45
     (without learning, they keep coming at about the same rate)."""
-    monkeypatch.setenv("MEWS_RATE_LIMIT_DIR", str(tmp_path / "state"))
-    with MewsSandbox() as sandbox:
-        sandbox.configure(rate_limit_requests=5, rate_limit_period_s=0.5, count_delay_ms=50, seed=7)
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_MEWS_LAG",
-            connection_json(sandbox.url, rate_limit_requests=100, rate_limit_period=10),
-        )
-        hook = MewsConnectorHook("mews_lag", max_retry_after_s=2.0)
+    with lagging_mews(monkeypatch, tmp_path, 5, 0.5, 50) as (sandbox, hook):
         outcome: list[tuple[int, int]] = []  # (request number, 429s so far)
         lock = threading.Lock()
         calls = iter(range(90))
