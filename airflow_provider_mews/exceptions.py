@@ -84,7 +84,6 @@ class MewsAuthenticationError(MewsError):
     """401: invalid or expired ClientToken/AccessToken, or no permission for the operation."""
 
     names_connection = True
-
     hint = (
         "Check the connection's AccessToken (password) and extra.client_token, and that the "
         "integration is enabled for this enterprise. Not retried."

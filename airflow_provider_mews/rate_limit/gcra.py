@@ -192,9 +192,8 @@ def on_429(state: State, params: Params, now: float, retry_after_s: float, slot:
     """Apply a 429 answered to the request sent in ``slot``. True when it lowered the factor."""
     state.hold = max(state.hold, now + retry_after_s)
     state.tat = max(state.tat, state.hold)
-    state.log = [
-        t for t in state.log if t <= now
-    ]  # slots ahead: forgotten (after a cut, rebooked: must_rebook)
+    # Slots still ahead are forgotten (after a cut their callers book again: must_rebook).
+    state.log = [t for t in state.log if t <= now]
     if slot is not None and slot < state.cut:
         return False  # sent before the last cut: already learned from
     factor = factor_at(state, params, now)

@@ -32,8 +32,8 @@ SOCKET_TIMEOUT_S = 2.0
 # KEYS[1] = state hash. ARGV: op ("reserve" | "429" | "hold" | "stale"), limit-interval (s), burst,
 # period (s), front limit, front window (s), then for reserve: max wait (s, or -1 for none); for
 # 429: retry-after (s), slot (or -1); for stale: the time the slot was booked (Redis clock).
-# Mirrors gcra.reserve / gcra.on_429 / gcra.must_rebook / gcra.factor_at / gcra.front_allowed; the log of the last
-# slots is a space-separated string, as in the SQLite file.
+# Mirrors gcra.reserve / gcra.on_429 / gcra.must_rebook / gcra.factor_at / gcra.front_allowed;
+# the log of the last slots is a space-separated string, as in the SQLite file.
 _LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -137,6 +137,10 @@ for _name, _value in _CONSTANTS.items():
     LUA = LUA.replace(_name, _value)
 
 
+#: ARGV[2..6] for the operations that read no limit ("hold", "stale"): the op's own arguments stay at 7.
+_NO_PARAMS = ("0", "1", "1", "0", "0")
+
+
 class RedisBackend:
     """GCRA state shared by every worker that reaches the same Redis."""
 
@@ -182,7 +186,7 @@ class RedisBackend:
         return cut in (b"1", "1")
 
     def hold_remaining(self, key: str) -> float:
-        return float(self._run(key, "hold", "0", "1", "1", "0", "0"))
+        return float(self._run(key, "hold", *_NO_PARAMS))
 
     def stale(self, key: str, booked_at: float) -> bool:
-        return bool(int(self._run(key, "stale", "0", "1", "1", "0", "0", repr(booked_at))))
+        return bool(int(self._run(key, "stale", *_NO_PARAMS, repr(booked_at))))
