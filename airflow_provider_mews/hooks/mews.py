@@ -91,6 +91,24 @@ def _utc_iso(value: datetime | str) -> str:
     return pendulum.instance(value).in_timezone("UTC").format("YYYY-MM-DDTHH:mm:ss[Z]")
 
 
+def _result_list(answer: Any, key: str | None, operation: str) -> list[dict[str, Any]]:
+    """The list of records in a getAll answer: ``answer[key]``, or its one list when key is None."""
+    if not isinstance(answer, dict):
+        raise MewsResponseError("getAll answer is not a JSON object", operation=operation)
+    if key is None:
+        lists = [k for k, v in answer.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise MewsResponseError(
+                f"getAll answer has {len(lists)} lists ({', '.join(lists) or 'none'}); name the result key",
+                operation=operation,
+            )
+        key = lists[0]
+    page = answer.get(key)
+    if not isinstance(page, list):
+        raise MewsResponseError(f"getAll answer has no {key} list", operation=operation)
+    return page
+
+
 @dataclass
 class CallStats:
     """Counters shared by the threads of one hook, for progress lines and summaries."""
@@ -630,18 +648,41 @@ class MewsConnectorHook(BaseHook):
                     "StartUtc": _utc_iso(start) if start else None,
                     "EndUtc": _utc_iso(end) if end else None,
                 }
-        cursor: str | None = None
-        operation = "loyaltyMemberships/getAll"
         # An Id names one membership at most: once as many came back, no page can follow.
         most = len(payload["LoyaltyMembershipIds"]) if "LoyaltyMembershipIds" in payload else None
+        for page in self.paginate(
+            "loyaltyMemberships/getAll", payload, result_key="LoyaltyMemberships", page_size=page_size, most=most
+        ):
+            yield from page
+
+    def paginate(
+        self,
+        operation: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        result_key: str | None = None,
+        page_size: int = 1000,
+        most: int | None = None,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield the pages of any Connector API getAll, following ``Cursor`` to the end, lazily.
+
+        ``body`` holds the operation's filters (``Limitation`` is set here). ``result_key`` names
+        the answer's list (``"Customers"``); None finds it: the one list in the answer. A page
+        shorter than ``page_size`` is the last; a full page needs one more read to learn it was
+        (Mews's pagination guideline). ``most``: stop once that many items came back (a filter by
+        Ids can match no more). Every page is one request under the token's limiter, retried like
+        any read.
+        """
+        if not 1 <= page_size <= 1000:
+            raise MewsConfigurationError(f"page_size must be 1..1000, got {page_size}")
+        payload = dict(body or {})
+        cursor: str | None = None
         seen = 0
         while True:
             payload["Limitation"] = {"Count": page_size, "Cursor": cursor}
             answer = self.call(operation, payload)
-            page = answer.get("LoyaltyMemberships") if isinstance(answer, dict) else None
-            if not isinstance(page, list):
-                raise MewsResponseError("getAll answer has no LoyaltyMemberships list", operation=operation)
-            yield from page
+            page = _result_list(answer, result_key, operation)
+            yield page
             seen += len(page)
             cursor = answer.get("Cursor")
             if len(page) < page_size or not cursor or (most is not None and seen >= most):
