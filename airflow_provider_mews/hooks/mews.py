@@ -651,7 +651,11 @@ class MewsConnectorHook(BaseHook):
         # An Id names one membership at most: once as many came back, no page can follow.
         most = len(payload["LoyaltyMembershipIds"]) if "LoyaltyMembershipIds" in payload else None
         for page in self.paginate(
-            "loyaltyMemberships/getAll", payload, result_key="LoyaltyMemberships", page_size=page_size, most=most
+            "loyaltyMemberships/getAll",
+            payload,
+            result_key="LoyaltyMemberships",
+            page_size=page_size,
+            most=most,
         ):
             yield from page
 
