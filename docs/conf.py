@@ -24,7 +24,7 @@ import airflow_provider_mews  # noqa: E402
 
 project = "airflow-provider-mews"
 author = "airflow-provider-mews contributors"
-copyright = "airflow-provider-mews contributors, Apache-2.0"  # noqa: A001
+copyright = "airflow-provider-mews contributors, Apache-2.0"
 release = airflow_provider_mews.__version__
 version = release
 
