@@ -1,7 +1,7 @@
 """Outcome tables stay fast: many runs of 100 000 rows into the same SQLite tables.
 
 ``python -m benchmarks.outcome_tables [--runs 100] [--rows 100000]`` drives
-:class:`~airflow_provider_mews.outputs.TableOutput` the way the operator does (one write
+:class:`~airflow_provider_mews.runs.outputs.TableOutput` the way the operator does (one write
 per batch of 1000: delete the batch's range when it may have been written, then insert),
 one new DAG run after another into the same results and rejections tables, and prints the
 median time (wall and CPU) per batch write of the first and the last runs, and of one run
@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_mews.outputs import Outcome, Rejection, RunKey, TableOutput, index_name
+from airflow_provider_mews.runs.outputs import Outcome, Rejection, RunKey, TableOutput, index_name
 
 RESULTS, REJECTIONS = "mews_membership_results", "mews_membership_rejections"
 BATCH = 1000

@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from email.utils import parsedate_to_datetime
 from functools import cached_property
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from airflow_provider_mews import __version__
 from airflow_provider_mews.exceptions import (
     MewsConfigurationError,
     MewsConnectionError,
@@ -40,6 +35,27 @@ from airflow_provider_mews.get_provider_info import (
     PLACEHOLDERS,
     RELABELING,
 )
+from airflow_provider_mews.hooks.settings import (
+    _CONN_ID,
+    DEFAULT_CLIENT,
+    DEFAULT_TIMEOUT_S,
+    MewsSettings,
+    _setting_error,
+    settings_from_connection,
+    validate_uuid,
+)
+from airflow_provider_mews.hooks.transport import (
+    _ADD_DECODER,
+    MAX_RESPONSE_BYTES,
+    _decode_json,
+    _encode_json,
+    _error_message,
+    _is_connect_failure,
+    _msgspec_json,
+    _read_body,
+    msgspec,
+    parse_retry_after,
+)
 from airflow_provider_mews.rate_limit import (
     DEFAULT_MAX_REQUESTS,
     DEFAULT_PERIOD_S,
@@ -48,170 +64,23 @@ from airflow_provider_mews.rate_limit import (
 )
 from airflow_provider_mews.version_compat import BaseHook, mask_secret
 
-try:  # Airflow 3 installs msgspec: its JSON codec costs a fraction of the json module's per row.
-    import msgspec
-    import msgspec.json as _msgspec_json
-except ImportError:  # pragma: no cover - Airflow 2.11 without msgspec: the json module
-    msgspec = None  # type: ignore[assignment]
-    _msgspec_json = None  # type: ignore[assignment]
-
-if msgspec is not None:
-
-    class _Created(msgspec.Struct):
-        """What the operator needs of a created membership: its Id, and its AccountId to pair it."""
-
-        Id: Any = None
-        AccountId: Any = None
-
-    class _AddAnswer(msgspec.Struct):
-        LoyaltyMemberships: list[_Created] | None = None
-
-    #: Decodes an add answer into the two fields per item, skipping the other 13 unread.
-    _ADD_DECODER: Any = msgspec.json.Decoder(_AddAnswer)
-else:  # pragma: no cover
-    _ADD_DECODER = None
+__all__ = [
+    "DEFAULT_CLIENT",
+    "DEFAULT_TIMEOUT_S",
+    "CallStats",
+    "MewsConnectorHook",
+    "MewsSettings",
+    "parse_retry_after",
+    "settings_from_connection",
+    "validate_uuid",
+]
 
 API_PATH = "/api/connector/v1/"
 MAX_ADD_ITEMS = 1000
 MAX_FILTER_ITEMS = 1000
-DEFAULT_CLIENT = f"airflow-provider-mews {__version__}"
-DEFAULT_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
-#: Largest answer read (a 1000-item page is under 1 MiB): a broken or hostile server cannot fill memory.
-MAX_RESPONSE_BYTES = 16 * 2**20
-_READ_CHUNK = 64 * 1024
 #: The cheap authenticated call behind "Test connection".
 TEST_OPERATION = "configuration/get"
-
-
-@dataclass(frozen=True)
-class MewsSettings:
-    """A validated Mews connection. Tokens are kept out of ``repr``."""
-
-    base_url: str
-    access_token: str = field(repr=False)
-    client_token: str = field(repr=False)
-    client: str = DEFAULT_CLIENT
-    chain_id: str | None = None
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    rate_limit_requests: int = DEFAULT_MAX_REQUESTS
-    rate_limit_period_s: float = DEFAULT_PERIOD_S
-    #: Airflow connection (type redis) where workers on several hosts share the token's pace.
-    rate_limit_redis_conn_id: str | None = None
-
-
-def _setting_error(conn_id: str, what: str) -> MewsConfigurationError:
-    return MewsConfigurationError(f"Airflow connection '{conn_id}' (type mews): {what}")
-
-
-def validate_uuid(value: Any, name: str) -> str:
-    try:
-        return str(uuid.UUID(str(value)))
-    except ValueError:
-        raise ValueError(f"{name} must be a UUID like 3fa85f64-5717-4562-b3fc-2c963f66afa6") from None
-
-
-def settings_from_connection(conn: Any) -> MewsSettings:
-    """Validate an Airflow Connection into :class:`MewsSettings` (pure: no I/O)."""
-    cid = conn.conn_id or "<unnamed>"
-    extra = conn.extra_dejson or {}
-    host = (conn.host or "").strip()
-    if not host:
-        raise _setting_error(
-            cid,
-            "host (Platform address) is empty. Set it to https://api.mews.com for production or "
-            "https://api.mews-demo.com for the demo environment.",
-        )
-    parts = urlsplit(host)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise _setting_error(cid, f"host {host!r} must start with https:// (e.g. https://api.mews.com).")
-    if parts.path or parts.query or parts.fragment:
-        raise _setting_error(
-            cid,
-            f"host {host!r} must be the platform address only, without a trailing slash or path "
-            f"(e.g. {parts.scheme}://{parts.netloc}).",
-        )
-    if not conn.password:
-        raise _setting_error(cid, "password (Access token) is empty; paste the AccessToken there.")
-    client_token = extra.get("client_token")
-    if not client_token or not isinstance(client_token, str):
-        raise _setting_error(cid, "extra.client_token (Client token) is missing; set the ClientToken.")
-    client = extra.get("client") or DEFAULT_CLIENT
-    if not isinstance(client, str):
-        raise _setting_error(cid, "extra.client must be a string such as 'My Sync 1.0'.")
-    chain_id = extra.get("chain_id") or None
-    if chain_id is not None:
-        try:
-            chain_id = validate_uuid(chain_id, "extra.chain_id")
-        except ValueError as exc:
-            raise _setting_error(cid, str(exc)) from None
-    timeout = _positive_number(extra.get("timeout"), DEFAULT_TIMEOUT_S, "extra.timeout", cid)
-    period = _positive_number(
-        extra.get("rate_limit_period"), DEFAULT_PERIOD_S, "extra.rate_limit_period", cid
-    )
-    max_requests = _positive_number(
-        extra.get("rate_limit_requests"), DEFAULT_MAX_REQUESTS, "extra.rate_limit_requests", cid
-    )
-    if max_requests != int(max_requests):
-        raise _setting_error(
-            cid,
-            f"extra.rate_limit_requests must be a whole number of requests, got {extra['rate_limit_requests']!r}.",
-        )
-    redis_conn_id = extra.get("rate_limit_redis_conn_id") or None
-    if redis_conn_id is not None and (
-        not isinstance(redis_conn_id, str) or not _CONN_ID.match(redis_conn_id.strip())
-    ):
-        raise _setting_error(
-            cid,
-            f"extra.rate_limit_redis_conn_id must name an Airflow connection of type redis "
-            f"(letters, digits, '_', '-', '.'), got {redis_conn_id!r}; leave it empty to share the "
-            "rate limit between the processes of one host only.",
-        )
-    return MewsSettings(
-        base_url=f"{parts.scheme}://{parts.netloc}",
-        access_token=conn.password,
-        client_token=client_token,
-        client=client,
-        chain_id=chain_id,
-        timeout_s=timeout,
-        rate_limit_requests=int(max_requests),
-        rate_limit_period_s=period,
-        rate_limit_redis_conn_id=redis_conn_id.strip() if redis_conn_id else None,
-    )
-
-
-_CONN_ID = re.compile(r"^[\w.\-]{1,250}$")
-
-
-def _positive_number(value: Any, default: float, name: str, cid: str) -> float:
-    if value in (None, ""):
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = -1.0
-    if number <= 0:
-        raise _setting_error(cid, f"{name} must be a positive number, got {value!r}.")
-    return number
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    now = time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
 
 
 def _utc_iso(value: datetime | str) -> str:
@@ -220,6 +89,24 @@ def _utc_iso(value: datetime | str) -> str:
     import pendulum
 
     return pendulum.instance(value).in_timezone("UTC").format("YYYY-MM-DDTHH:mm:ss[Z]")
+
+
+def _result_list(answer: Any, key: str | None, operation: str) -> list[dict[str, Any]]:
+    """The list of records in a getAll answer: ``answer[key]``, or its one list when key is None."""
+    if not isinstance(answer, dict):
+        raise MewsResponseError("getAll answer is not a JSON object", operation=operation)
+    if key is None:
+        lists = [k for k, v in answer.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise MewsResponseError(
+                f"getAll answer has {len(lists)} lists ({', '.join(lists) or 'none'}); name the result key",
+                operation=operation,
+            )
+        key = lists[0]
+    page = answer.get(key)
+    if not isinstance(page, list):
+        raise MewsResponseError(f"getAll answer has no {key} list", operation=operation)
+    return page
 
 
 @dataclass
@@ -649,7 +536,7 @@ class MewsConnectorHook(BaseHook):
 
         Each item is ``{"LoyaltyMembershipId": id, Field: {"Value": v}, ...}``: a field left out
         keeps its value, ``{"Value": None}`` clears a clearable one (see
-        :mod:`airflow_provider_mews.sync`). An update sets values, so sending it again after a
+        :mod:`airflow_provider_mews.loyalty.sync_plan`). An update sets values, so sending it again after a
         failure that may have been processed changes nothing more: the hook retries it like a
         read (5xx, timeouts, dropped connections); its HTTP errors carry ``may_have_been_processed=False``.
         """
@@ -698,7 +585,7 @@ class MewsConnectorHook(BaseHook):
         Not re-sent after a failure that may have been processed: how Mews answers a delete of
         an Id it already deleted is not documented (the sandbox refuses the whole request with
         400), so such a failure raises with ``may_have_been_processed=True`` and the caller
-        re-reads the Ids (:func:`airflow_provider_mews.reconcile.find_deleted`) and sends only
+        re-reads the Ids (:func:`airflow_provider_mews.loyalty.reconcile.find_deleted`) and sends only
         those still active.
         """
         count = len(ids)
@@ -761,18 +648,41 @@ class MewsConnectorHook(BaseHook):
                     "StartUtc": _utc_iso(start) if start else None,
                     "EndUtc": _utc_iso(end) if end else None,
                 }
-        cursor: str | None = None
-        operation = "loyaltyMemberships/getAll"
         # An Id names one membership at most: once as many came back, no page can follow.
         most = len(payload["LoyaltyMembershipIds"]) if "LoyaltyMembershipIds" in payload else None
+        for page in self.paginate(
+            "loyaltyMemberships/getAll", payload, result_key="LoyaltyMemberships", page_size=page_size, most=most
+        ):
+            yield from page
+
+    def paginate(
+        self,
+        operation: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        result_key: str | None = None,
+        page_size: int = 1000,
+        most: int | None = None,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield the pages of any Connector API getAll, following ``Cursor`` to the end, lazily.
+
+        ``body`` holds the operation's filters (``Limitation`` is set here). ``result_key`` names
+        the answer's list (``"Customers"``); None finds it: the one list in the answer. A page
+        shorter than ``page_size`` is the last; a full page needs one more read to learn it was
+        (Mews's pagination guideline). ``most``: stop once that many items came back (a filter by
+        Ids can match no more). Every page is one request under the token's limiter, retried like
+        any read.
+        """
+        if not 1 <= page_size <= 1000:
+            raise MewsConfigurationError(f"page_size must be 1..1000, got {page_size}")
+        payload = dict(body or {})
+        cursor: str | None = None
         seen = 0
         while True:
             payload["Limitation"] = {"Count": page_size, "Cursor": cursor}
             answer = self.call(operation, payload)
-            page = answer.get("LoyaltyMemberships") if isinstance(answer, dict) else None
-            if not isinstance(page, list):
-                raise MewsResponseError("getAll answer has no LoyaltyMemberships list", operation=operation)
-            yield from page
+            page = _result_list(answer, result_key, operation)
+            yield page
             seen += len(page)
             cursor = answer.get("Cursor")
             if len(page) < page_size or not cursor or (most is not None and seen >= most):
@@ -789,93 +699,3 @@ class MewsConnectorHook(BaseHook):
         name = enterprise.get("Name") if isinstance(enterprise, dict) else None
         who = f" enterprise '{name}'" if name else ""
         return True, f"Connected to Mews at {s.base_url}{who} as client '{s.client}'."
-
-
-def _read_body(response: requests.Response, deadline: float) -> bool:
-    """Read a streamed answer into ``response`` (``.json()``/``.text`` then work) by ``deadline``.
-
-    The socket's read timeout applies to each read, so a server trickling bytes (slow-loris)
-    would evade it; the deadline (``time.monotonic()``) bounds the whole answer. At most
-    MAX_RESPONSE_BYTES are kept; returns False when the body was cut there.
-    """
-    raw = response.raw
-    read = getattr(raw, "read1", None) or raw.read  # read1: at most one socket read per call
-    chunks: list[bytes] = []
-    size = 0
-    complete = True
-    try:
-        while True:
-            if time.monotonic() > deadline:
-                raise requests.exceptions.ReadTimeout(
-                    "the answer was not complete within the connection's timeout (server sending too slowly)"
-                )
-            chunk = read(_READ_CHUNK, decode_content=True)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > MAX_RESPONSE_BYTES:
-                complete = False
-                del chunks[1:]  # the start is enough to describe an error page
-                break
-            chunks.append(chunk)
-    except requests.RequestException:
-        response.close()
-        raise
-    except Exception as exc:  # urllib3/socket errors while reading the body
-        response.close()
-        raise requests.exceptions.ConnectionError(exc, response=response) from exc
-    response._content = b"".join(chunks)
-    response._content_consumed = complete  # type: ignore[attr-defined]  # complete: connection reusable
-    response.close()
-    return complete
-
-
-def _encode_json(body: Mapping[str, Any]) -> bytes:
-    """Compact UTF-8 JSON of a request body."""
-    if _msgspec_json is not None:
-        return _msgspec_json.encode(body)
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _decode_json(content: bytes) -> Any:
-    """The decoded JSON of an answer; ValueError when it is not JSON."""
-    if _msgspec_json is not None:
-        return _msgspec_json.decode(content)
-    return json.loads(content)
-
-
-def _is_connect_failure(exc: requests.RequestException) -> bool:
-    """True when the request surely never reached the server (refused, DNS, connect timeout)."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return True
-    if not isinstance(exc, requests.ConnectionError):
-        return False
-    from urllib3.exceptions import NameResolutionError, NewConnectionError
-
-    seen: set[int] = set()
-    todo: list[Any] = [exc]
-    while todo:
-        cur = todo.pop()
-        if cur is None or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, (NewConnectionError, NameResolutionError, ConnectionRefusedError)):
-            return True
-        todo.extend([getattr(cur, "reason", None), cur.__cause__, cur.__context__])
-        todo.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
-    return False
-
-
-def _error_message(response: requests.Response, body: Any, redact: Any = str) -> tuple[str, Any]:
-    """Mews's Message and Details, or a short description of a non-JSON body (a proxy's HTML).
-
-    ``redact`` removes the tokens before the text is cut, so no piece of one can survive the cut.
-    """
-    if isinstance(body, dict) and (body.get("Message") or "Details" in body):
-        return redact(str(body.get("Message") or "no message")), body.get("Details")
-    text = redact(" ".join(response.text.split()))[:200] if response.content else ""
-    ctype = response.headers.get("Content-Type", "no content type")
-    reason = response.reason or ""
-    if text:
-        return f"{reason} (non-JSON body, {ctype}): {text}", None
-    return f"{reason} (empty body)", None

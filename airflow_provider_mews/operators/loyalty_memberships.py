@@ -1,7 +1,7 @@
 """LoyaltyMembershipAddOperator: rows from XCom or SQL into Mews, in batches, exactly once.
 
 The operator owns the run: it reads the source in chunks, turns rows into memberships
-(:mod:`~airflow_provider_mews.memberships`), keeps several batches in flight under the
+(:mod:`~airflow_provider_mews.loyalty.normalize`), keeps several batches in flight under the
 hook's rate limiter, writes every row's outcome, checkpoints progress for Airflow retries
 and reconciles any batch whose fate is unknown before it would be sent again. The hook
 (:class:`~airflow_provider_mews.hooks.mews.MewsConnectorHook`) does all HTTP.
@@ -15,16 +15,21 @@ from contextlib import ExitStack, closing
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from airflow_provider_mews.checkpoint import Checkpoint, StateStore
 from airflow_provider_mews.exceptions import MewsConfigurationError
 from airflow_provider_mews.hooks.mews import MewsConnectorHook, validate_uuid
 from airflow_provider_mews.lineage import loyalty_memberships_asset, openlineage_facets
-from airflow_provider_mews.memberships import ColumnPlan, plan_columns
-from airflow_provider_mews.outputs import FileOutput, RunKey, TableOutput
-from airflow_provider_mews.run import NOT_RETRYABLE, MembershipRun, RunSettings
-from airflow_provider_mews.sources import ListSource, SourceError, SqlSource, rows_from_value
-from airflow_provider_mews.sync import ON_MISSING, SyncPlan, parse_max_removals, plan_sync_columns
-from airflow_provider_mews.sync_run import SyncRun, SyncSettings
+from airflow_provider_mews.loyalty.add_run import NOT_RETRYABLE, MembershipRun, RunSettings
+from airflow_provider_mews.loyalty.normalize import ColumnPlan, plan_columns
+from airflow_provider_mews.loyalty.sync_plan import (
+    ON_MISSING,
+    SyncPlan,
+    parse_max_removals,
+    plan_sync_columns,
+)
+from airflow_provider_mews.loyalty.sync_run import SyncRun, SyncSettings
+from airflow_provider_mews.runs.checkpoint import Checkpoint, StateStore
+from airflow_provider_mews.runs.outputs import FileOutput, RunKey, TableOutput
+from airflow_provider_mews.runs.sources import ListSource, SourceError, SqlSource, rows_from_value
 from airflow_provider_mews.version_compat import AirflowFailException, AirflowNotFoundException, BaseOperator
 
 IF_EXISTS = ("skip", "add", "update")

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 
-from airflow_provider_mews.memberships import (
+from airflow_provider_mews.loyalty.normalize import (
     MEWS_FIELDS,
     REQUIRED_FIELDS,
     STATES,

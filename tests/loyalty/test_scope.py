@@ -8,8 +8,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_mews.scope import ScopeIndex
-from airflow_provider_mews.sync import SyncRow, match_row
+from airflow_provider_mews.loyalty.scope import ScopeIndex
+from airflow_provider_mews.loyalty.sync_plan import SyncRow, match_row
 
 PROGRAM = "f701dafb-5765-4cf4-b1dd-1f602a740ae5"
 
@@ -116,7 +116,7 @@ def test_folders_of_killed_tasks_are_swept_and_live_ones_kept(tmp_path):
     import sys
 
     code = (
-        "import sys, time; from airflow_provider_mews.scope import ScopeIndex; "
+        "import sys, time; from airflow_provider_mews.loyalty.scope import ScopeIndex; "
         f"s = ScopeIndex({str(tmp_path)!r}); print(s.path, flush=True); time.sleep(60)"
     )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from airflow.providers.sqlite.hooks.sqlite import SqliteHook
 
-from airflow_provider_mews.outputs import (
+from airflow_provider_mews.runs.outputs import (
     INDEX_COLUMNS,
     Outcome,
     Rejection,

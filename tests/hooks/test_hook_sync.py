@@ -2,7 +2,7 @@
 
 Update sets values, so the hook retries it like a read; delete is not documented to accept
 an Id it already deleted, so the hook never re-sends it in doubt and the caller re-reads
-(:func:`~airflow_provider_mews.reconcile.find_deleted`) before sending what is still active.
+(:func:`~airflow_provider_mews.loyalty.reconcile.find_deleted`) before sending what is still active.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from airflow_provider_mews.exceptions import (
     MewsServerError,
 )
 from airflow_provider_mews.hooks.mews import MewsConnectorHook
-from airflow_provider_mews.reconcile import find_deleted
+from airflow_provider_mews.loyalty.reconcile import find_deleted
 from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN
 
 UPDATE = "loyaltyMemberships/update"

@@ -19,9 +19,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 from airflow_provider_mews.exceptions import MewsError
-from airflow_provider_mews.memberships import ColumnPlan, RowRejected, normalize_many, readable_account
-from airflow_provider_mews.outputs import Outcome, Rejection
-from airflow_provider_mews.reconcile import find_existing, find_stored
+from airflow_provider_mews.loyalty.normalize import ColumnPlan, RowRejected, normalize_many, readable_account
+from airflow_provider_mews.loyalty.reconcile import find_existing, find_stored
+from airflow_provider_mews.runs.outputs import Outcome, Rejection
 
 #: Statuses by which Mews refuses a batch because of (some of) its rows.
 ROW_REFUSALS = (400, 403)

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
-from airflow_provider_mews.sources import quote_table
+from airflow_provider_mews.runs.sources import quote_table
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,18 @@ from __future__ import annotations
 import ast
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from airflow_provider_mews.memberships import column_names
-
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*){0,2}$")
+
+
+def column_names(rows: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    """Every key of the rows, in first-seen order: rows of an XCom list may differ in keys."""
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    return tuple(names)
 
 
 class SourceError(ValueError):

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from airflow_provider_mews.memberships import identity
+from airflow_provider_mews.loyalty.normalize import identity
 
 #: Mews accepts CreatedUtc intervals of at most three months.
 MAX_INTERVAL = timedelta(days=90)

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
-from airflow_provider_mews.sync import SyncRow, needs_removal
+from airflow_provider_mews.loyalty.sync_plan import SyncRow, needs_removal
 
 #: Membership fields kept per scope entry: what matching, diff and removal read.
 KEPT_FIELDS = (
@@ -123,7 +123,7 @@ class ScopeIndex:
     def candidates(
         self, rows: Sequence[SyncRow]
     ) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], list[dict[str, Any]]]]:
-        """The scope memberships ``rows`` could match, indexed as :func:`~airflow_provider_mews.sync.match_row` reads them."""
+        """The scope memberships ``rows`` could match, indexed as :func:`~airflow_provider_mews.loyalty.sync_plan.match_row` reads them."""
         ids = list({r.membership_id for r in rows if r.membership_id})
         keys = list({(r.account_id, r.program_id) for r in rows if r.account_id and r.program_id})
         by_id: dict[str, dict[str, Any]] = {}

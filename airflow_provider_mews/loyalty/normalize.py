@@ -467,10 +467,3 @@ def readable_account(plan: ColumnPlan, values: Sequence[Any]) -> str | None:
         return None
     value = values[pos]
     return None if value is None else str(value)[:64]
-
-
-def column_names(rows: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
-    names: dict[str, None] = {}
-    for row in rows:
-        names.update(dict.fromkeys(row))
-    return tuple(names)

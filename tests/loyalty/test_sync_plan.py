@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_mews.memberships import RowRejected
-from airflow_provider_mews.sync import (
+from airflow_provider_mews.loyalty.normalize import RowRejected
+from airflow_provider_mews.loyalty.sync_plan import (
     RemovalsRefused,
     SyncRow,
     check_removals,

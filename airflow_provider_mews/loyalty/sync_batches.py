@@ -2,8 +2,8 @@
 
 :class:`SyncBatchSender` takes a :class:`SyncBatch` to its end in a worker thread: it finds
 the memberships the rows may match (one getAll per batch for an upsert; the on-disk scope
-for a mirror), matches and diffs them (:mod:`airflow_provider_mews.sync`), adds the new
-rows with the add machinery of :class:`~airflow_provider_mews.batches.BatchSender`
+for a mirror), matches and diffs them (:mod:`airflow_provider_mews.loyalty.sync_plan`), adds the new
+rows with the add machinery of :class:`~airflow_provider_mews.loyalty.batches.BatchSender`
 (refused rows isolated by bisection, doubt reconciled), then sends one update with only
 the changed fields of the matched rows. Refused updates are isolated by bisection too.
 Every row ends added, updated, unchanged or rejected, or unfinished when the run stops.
@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from airflow_provider_mews.batches import (
+from airflow_provider_mews.exceptions import MewsError
+from airflow_provider_mews.loyalty.batches import (
     Batch,
     BatchSender,
     RejectionBudget,
@@ -30,12 +31,10 @@ from airflow_provider_mews.batches import (
     is_row_refusal,
     isolate_refusals,
 )
-from airflow_provider_mews.exceptions import MewsError
-from airflow_provider_mews.memberships import RowRejected
-from airflow_provider_mews.outputs import Outcome, Rejection
-from airflow_provider_mews.reconcile import find_deleted
-from airflow_provider_mews.scope import ScopeIndex
-from airflow_provider_mews.sync import (
+from airflow_provider_mews.loyalty.normalize import RowRejected
+from airflow_provider_mews.loyalty.reconcile import find_deleted
+from airflow_provider_mews.loyalty.scope import ScopeIndex
+from airflow_provider_mews.loyalty.sync_plan import (
     SyncPlan,
     SyncRow,
     diff,
@@ -45,6 +44,7 @@ from airflow_provider_mews.sync import (
     removal_update,
     update_item,
 )
+from airflow_provider_mews.runs.outputs import Outcome, Rejection
 
 log = logging.getLogger(__name__)
 #: getAll filters take at most 1000 values.
@@ -380,7 +380,7 @@ class Remover:
     """Cancels (an update of State) or deletes a page of unmatched memberships, each exactly once.
 
     A delete whose fate is unknown is never repeated blindly: the Ids are read back
-    (:func:`~airflow_provider_mews.reconcile.find_deleted`) and only those still active are sent.
+    (:func:`~airflow_provider_mews.loyalty.reconcile.find_deleted`) and only those still active are sent.
     """
 
     MAX_DOUBT_ROUNDS = 3

@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_mews.batches import BatchSender, RejectionBudget, build_batch
-from airflow_provider_mews.checkpoint import KEY, Checkpoint, StateStore
 from airflow_provider_mews.hooks.mews import MewsConnectorHook
-from airflow_provider_mews.memberships import plan_columns
-from airflow_provider_mews.run import MembershipRun, RunSettings
-from airflow_provider_mews.sources import ListSource, SqlSource
+from airflow_provider_mews.loyalty.add_run import MembershipRun, RunSettings
+from airflow_provider_mews.loyalty.batches import BatchSender, RejectionBudget, build_batch
+from airflow_provider_mews.loyalty.normalize import plan_columns
+from airflow_provider_mews.runs.checkpoint import KEY, Checkpoint, StateStore
+from airflow_provider_mews.runs.sources import ListSource, SqlSource
 from airflow_provider_mews.testing import connection_json, sample_data
 
 LOG = logging.getLogger("test_checkpoint")
@@ -105,7 +105,7 @@ def test_state_writes_are_a_few_per_reserve_period_at_any_pace_and_the_mark_stay
     mark is written ahead by RESERVE_S seconds of batches (16 at least, MAX_RESERVE at most), so
     the writes stay a few per RESERVE_S; the mark never runs further ahead of the batches sent
     than that (what a retry reconciles for nothing)."""
-    from airflow_provider_mews import checkpoint as module
+    from airflow_provider_mews.runs import checkpoint as module
 
     clock = FakeClock()
     monkeypatch.setattr(module.time, "monotonic", clock)

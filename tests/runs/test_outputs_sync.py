@@ -6,7 +6,7 @@ import json
 import sqlite3
 from types import SimpleNamespace
 
-from airflow_provider_mews.outputs import FileOutput, Outcome, RunKey, TableOutput
+from airflow_provider_mews.runs.outputs import FileOutput, Outcome, RunKey, TableOutput
 
 KEY = RunKey("dag", "run", "task", -1)
 

@@ -31,8 +31,8 @@ import psycopg
 import pytest
 from conftest import DAGS_DIR, ROOT, needs, task_result
 
-from airflow_provider_mews.memberships import normalize, plan_columns
-from airflow_provider_mews.sources import SourceError, SqlSource
+from airflow_provider_mews.loyalty.normalize import normalize, plan_columns
+from airflow_provider_mews.runs.sources import SourceError, SqlSource
 from airflow_provider_mews.testing import connection_json
 from airflow_provider_mews.testing.sample_data import COLUMNS, PROGRAM_ID, members
 
@@ -545,7 +545,7 @@ def test_outcome_tables_get_the_rewrite_index_and_a_retry_rewrites_without_dupli
     retried try replaces the batches an earlier try wrote and adds the rest, nothing twice."""
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
-    from airflow_provider_mews.outputs import (
+    from airflow_provider_mews.runs.outputs import (
         INDEX_COLUMNS,
         Outcome,
         Rejection,

@@ -13,8 +13,8 @@ import uuid
 import pendulum
 import pytest
 
-from airflow_provider_mews.batches import build_batch
-from airflow_provider_mews.memberships import RowRejected, normalize, plan_columns
+from airflow_provider_mews.loyalty.batches import build_batch
+from airflow_provider_mews.loyalty.normalize import RowRejected, normalize, plan_columns
 
 ACCOUNT = "fadd5bb6-b428-45d5-94f8-fd0d89fece6d"
 PROGRAM = "f701dafb-5765-4cf4-b1dd-1f602a740ae5"
@@ -320,7 +320,7 @@ def _per_row(plan, rows):
 @pytest.mark.parametrize("size", [1, 9, 1000])
 def test_a_batch_normalizes_exactly_as_its_rows_on_every_fast_path(size):
     """Clean columns take the one-call paths (UUID regex, Code, Url, int Points, repeated values)."""
-    from airflow_provider_mews.memberships import normalize_many
+    from airflow_provider_mews.loyalty.normalize import normalize_many
     from airflow_provider_mews.testing import sample_data
 
     plan = plan_columns(sample_data.COLUMNS, {"tier_id": "LoyaltyTierId"})
@@ -363,7 +363,7 @@ def test_a_batch_normalizes_exactly_as_its_rows_on_every_fast_path(size):
 )
 def test_a_batch_with_one_odd_value_normalizes_exactly_as_its_rows(column, value):
     """One value off the fast path sends its row through normalize: same result, same reason."""
-    from airflow_provider_mews.memberships import normalize_many
+    from airflow_provider_mews.loyalty.normalize import normalize_many
     from airflow_provider_mews.testing import sample_data
 
     plan = plan_columns(sample_data.COLUMNS, {"tier_id": "LoyaltyTierId"})
@@ -376,7 +376,7 @@ def test_a_batch_with_one_odd_value_normalizes_exactly_as_its_rows(column, value
 def test_a_uuid_split_across_two_rows_is_not_taken_for_two_uuids():
     """The column check concatenates the UUIDs: one 35 and one 37 characters long still join into
     valid UUIDs, yet both rows are rejected, as ``normalize`` rejects them."""
-    from airflow_provider_mews.memberships import normalize_many
+    from airflow_provider_mews.loyalty.normalize import normalize_many
     from airflow_provider_mews.testing import sample_data
 
     plan = plan_columns(sample_data.COLUMNS, {"tier_id": "LoyaltyTierId"})
@@ -394,7 +394,7 @@ def test_the_unrolled_url_pattern_accepts_exactly_the_rfc_3986_alternation():
     import random
     import re
 
-    from airflow_provider_mews.memberships import _URL_RE
+    from airflow_provider_mews.loyalty.normalize import _URL_RE
 
     part = r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*"
     reference = re.compile(

@@ -6,9 +6,9 @@ import threading
 import uuid
 from datetime import datetime, timedelta, timezone
 
-from airflow_provider_mews.batches import BatchSender, RejectionBudget, build_batch
 from airflow_provider_mews.hooks.mews import MewsConnectorHook
-from airflow_provider_mews.memberships import plan_columns
+from airflow_provider_mews.loyalty.batches import BatchSender, RejectionBudget, build_batch
+from airflow_provider_mews.loyalty.normalize import plan_columns
 
 PROGRAM = "f701dafb-5765-4cf4-b1dd-1f602a740ae5"
 COLUMNS = ["AccountId", "LoyaltyProgramId", "IsPrimary", "Code"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import DAGS_DIR, task_result
 
-from airflow_provider_mews.memberships import RowRejected, normalize, plan_columns
+from airflow_provider_mews.loyalty.normalize import RowRejected, normalize, plan_columns
 from airflow_provider_mews.testing import connection_json, sample_data
 
 PROGRAM = sample_data.PROGRAM_ID

@@ -39,7 +39,7 @@ from airflow_provider_mews.rate_limit.gcra import Params, State
 from airflow_provider_mews.rate_limit.local import MemoryBackend, SqliteBackend, runtime_dir
 from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, MewsSandbox, connection_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "configuration/get"
 
 

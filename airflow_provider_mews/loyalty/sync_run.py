@@ -1,11 +1,11 @@
 """One try of a sync: an upsert (``if_exists="update"``) or a mirror (``LoyaltyMembershipSyncOperator``).
 
-:class:`SyncRun` is :class:`~airflow_provider_mews.run.MembershipRun` with sync batches
-(:mod:`~airflow_provider_mews.sync_batches`: added, updated, unchanged or rejected), and for
+:class:`SyncRun` is :class:`~airflow_provider_mews.loyalty.add_run.MembershipRun` with sync batches
+(:mod:`~airflow_provider_mews.loyalty.sync_batches`: added, updated, unchanged or rejected), and for
 a mirror two more steps:
 
 * :meth:`~SyncRun.prepare`, before any write: list the scope's memberships into an on-disk
-  index (:class:`~airflow_provider_mews.scope.ScopeIndex`), read the source once to match
+  index (:class:`~airflow_provider_mews.loyalty.scope.ScopeIndex`), read the source once to match
   every row (sending nothing), and refuse the run when the memberships no row matched exceed
   ``max_removals``;
 * :meth:`~SyncRun.remove`, once every row is done: cancel or delete what no row matched,
@@ -21,10 +21,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_provider_mews.exceptions import MewsError
-from airflow_provider_mews.outputs import Outcome
-from airflow_provider_mews.run import MembershipRun, RunSettings, Source
-from airflow_provider_mews.scope import ScopeIndex
-from airflow_provider_mews.sync import (
+from airflow_provider_mews.loyalty.add_run import MembershipRun, RunSettings, Source
+from airflow_provider_mews.loyalty.scope import ScopeIndex
+from airflow_provider_mews.loyalty.sync_batches import (
+    Remover,
+    SyncBatch,
+    SyncBatchResult,
+    SyncBatchSender,
+    build_sync_batch,
+    removal_outcome,
+)
+from airflow_provider_mews.loyalty.sync_plan import (
     RemovalsRefused,
     SyncPlan,
     check_removals,
@@ -33,14 +40,7 @@ from airflow_provider_mews.sync import (
     named_memberships,
     removal_limit,
 )
-from airflow_provider_mews.sync_batches import (
-    Remover,
-    SyncBatch,
-    SyncBatchResult,
-    SyncBatchSender,
-    build_sync_batch,
-    removal_outcome,
-)
+from airflow_provider_mews.runs.outputs import Outcome
 from airflow_provider_mews.version_compat import AirflowException, AirflowFailException
 
 #: getAll takes at most 1000 LoyaltyProgramIds.

@@ -12,7 +12,7 @@ length (about 1 KB; at most ``2 * max_active_requests`` batch entries, never mor
   fingerprint and counts. The run never dispatches a batch :attr:`Checkpoint.window` or more
   past the watermark, so there are never more of them than that.
 
-On a retry (:mod:`airflow_provider_mews.run`):
+On a retry (:mod:`airflow_provider_mews.loyalty.add_run`):
 
 * the batches below the watermark are read again and their fingerprints folded; when the
   fold equals ``prefix``, all of them are skipped without a request, their counts taken from

@@ -3,11 +3,11 @@
 :class:`MembershipRun` is the loop the operator runs, cut into named steps:
 
 * :meth:`~MembershipRun.resume`: on a retry, check that the batches an earlier try finished
-  are the same rows (:mod:`~airflow_provider_mews.checkpoint`), and skip them;
+  are the same rows (:mod:`~airflow_provider_mews.runs.checkpoint`), and skip them;
 * :meth:`~MembershipRun.read`: the next chunk of source rows, or None once the run stops;
-* :meth:`~MembershipRun.build`: a chunk into a :class:`~airflow_provider_mews.batches.Batch`;
+* :meth:`~MembershipRun.build`: a chunk into a :class:`~airflow_provider_mews.loyalty.batches.Batch`;
 * :meth:`~MembershipRun.dispatch`: skip it (finished by an earlier try) or send it to a
-  worker thread (:class:`~airflow_provider_mews.batches.BatchSender`);
+  worker thread (:class:`~airflow_provider_mews.loyalty.batches.BatchSender`);
 * :meth:`~MembershipRun.settle`: a finished batch's outcomes written, counted, checkpointed;
 * :meth:`~MembershipRun.finish`: the summary (counting what was never reached) and the
   checkpoint cleared on success; :meth:`~MembershipRun.failure` says how the try ended.
@@ -26,12 +26,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from airflow_provider_mews.batches import Batch, BatchResult, BatchSender, RejectionBudget, build_batch
-from airflow_provider_mews.checkpoint import Checkpoint, fold
 from airflow_provider_mews.exceptions import MewsConfigurationError, MewsError
-from airflow_provider_mews.memberships import ColumnPlan
-from airflow_provider_mews.outputs import FileOutput, TableOutput
-from airflow_provider_mews.progress import RunTally, summary_table
+from airflow_provider_mews.loyalty.batches import (
+    Batch,
+    BatchResult,
+    BatchSender,
+    RejectionBudget,
+    build_batch,
+)
+from airflow_provider_mews.loyalty.normalize import ColumnPlan
+from airflow_provider_mews.runs.checkpoint import Checkpoint, fold
+from airflow_provider_mews.runs.outputs import FileOutput, TableOutput
+from airflow_provider_mews.runs.progress import RunTally, summary_table
 from airflow_provider_mews.version_compat import AirflowException, AirflowFailException
 
 #: Mews errors that another Airflow try cannot fix: fail at once instead of retrying.
@@ -39,7 +45,7 @@ NOT_RETRYABLE = (400, 401, 403, 404)
 
 
 class Source(Protocol):
-    """What a run reads (:mod:`airflow_provider_mews.sources`)."""
+    """What a run reads (:mod:`airflow_provider_mews.runs.sources`)."""
 
     description: str
     total: int | None

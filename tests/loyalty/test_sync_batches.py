@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_mews.batches import RejectionBudget
 from airflow_provider_mews.hooks.mews import MewsConnectorHook
-from airflow_provider_mews.scope import ScopeIndex
-from airflow_provider_mews.sync import plan_sync_columns
-from airflow_provider_mews.sync_batches import Remover, SyncBatchSender, build_sync_batch
+from airflow_provider_mews.loyalty.batches import RejectionBudget
+from airflow_provider_mews.loyalty.scope import ScopeIndex
+from airflow_provider_mews.loyalty.sync_batches import Remover, SyncBatchSender, build_sync_batch
+from airflow_provider_mews.loyalty.sync_plan import plan_sync_columns
 from airflow_provider_mews.testing import MewsSandbox
 
 PROGRAM = "f701dafb-5765-4cf4-b1dd-1f602a740ae5"

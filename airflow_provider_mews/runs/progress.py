@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_mews.outputs import Rejection
+from airflow_provider_mews.runs.outputs import Rejection
 
 
 @dataclass

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_mews.memberships import ColumnPlan, RowRejected, plan_columns, to_uuid
+from airflow_provider_mews.loyalty.normalize import ColumnPlan, RowRejected, plan_columns, to_uuid
 
 #: Fields an update can change, in the order Mews documents them (``Code`` is left out: deprecated).
 UPDATE_FIELDS = (
@@ -90,7 +90,7 @@ class SyncPlan:
 
 
 def plan_sync_columns(names: Sequence[str], field_map: Mapping[str, str] | None = None) -> SyncPlan:
-    """:func:`~airflow_provider_mews.memberships.plan_columns`, plus the LoyaltyMembershipId and
+    """:func:`~airflow_provider_mews.loyalty.normalize.plan_columns`, plus the LoyaltyMembershipId and
     ProviderMembershipId columns (by name, or named in ``field_map``). Raises ``ValueError``."""
     field_map = dict(field_map or {})
     special: dict[str, str] = {}  # lower-case column name -> sync field

@@ -1,0 +1,1 @@
+"""Transfer operators: Mews data into other systems (warehouse tables, files)."""
