@@ -40,7 +40,7 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(BIN)/python -m benchmarks.run --smoke
 
-# Refreshes the README's screenshots (docs/img/*.png) from the real UI; tests never write them.
+# Refreshes the docs' screenshots (docs/img/*.png, also shown by the README) from the real UI; tests never write them.
 screenshots: $(STAMP)
 	bash .ci/system-deps.sh
 	MEWS_UPDATE_SCREENSHOTS=1 MEWS_REQUIRE_ALL_TESTS=1 $(BIN)/pytest -q tests/ui
