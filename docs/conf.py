@@ -70,4 +70,3 @@ nitpick_ignore_regex = [
 html_theme = "furo"
 html_title = f"airflow-provider-mews {release}"
 html_static_path: list[str] = []
-pygments_style = "sphinx"
