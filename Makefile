@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: demo test test-only lint bench bench-smoke screenshots package clean
+.PHONY: demo test test-only lint bench bench-smoke screenshots package docs clean
 
 $(STAMP): pyproject.toml constraints/airflow-3.3.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,14 +40,24 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(BIN)/python -m benchmarks.run --smoke
 
-# Refreshes the README's screenshots (docs/img/*.png) from the real UI; tests never write them.
+# Refreshes the docs' screenshots (docs/img/*.png, also shown by the README) from the real UI; tests never write them.
 screenshots: $(STAMP)
 	bash .ci/system-deps.sh
 	MEWS_UPDATE_SCREENSHOTS=1 MEWS_REQUIRE_ALL_TESTS=1 $(BIN)/pytest -q tests/ui
+
+# The documentation site (docs/, MyST Markdown + autodoc) into docs/_build/html; any warning fails.
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[docs]" -c constraints/airflow-3.3.txt
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf docs/_build
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
 
 # Builds the wheel and sdist, checks them and smoke-tests the installed wheel (as CI does).
 package:
 	bash .ci/package.sh
 
 clean:
-	rm -rf $(VENV) .demo .artifacts dist
+	rm -rf $(VENV) .demo .artifacts dist docs/_build

@@ -10,7 +10,7 @@
 # Env: SCALE_OUT_PYTHON (interpreter with Airflow and the provider; default .venv/bin/python);
 #      SCALE_OUT_ENFORCE=all fails on any missed figure; the default, correctness, fails when a
 #      DAG run fails or a row is not stored exactly once, and reports the rate figures (429s,
-#      share of the ceiling) without failing: they depend on the machine's load (README, Scale-out).
+#      share of the ceiling) without failing: they depend on the machine's load (docs/benchmarks.md, Scale-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${SCALE_OUT_PYTHON:-.venv/bin/python}"

@@ -5,7 +5,7 @@ independent, retryable task instance with its own checkpoint (the operator's def
 mapped tasks too: 3 retries, 30 s apart with exponential back-off, and its asset outlet). The
 pool caps how many shards talk to Mews at once. The shards share one rate budget per
 AccessToken: on one host with no configuration, across hosts when the Mews connection names a
-Redis connection in ``extra.rate_limit_redis_conn_id`` (README, "Scaling out").
+Redis connection in ``extra.rate_limit_redis_conn_id`` (docs/rate-limiting.md, "Scaling out").
 
 Create the pool before the first run (the scheduler does not schedule tasks whose pool does
 not exist; ``airflow dags test`` ignores pools): ``airflow pools set mews_api 4 "Mews API"``.

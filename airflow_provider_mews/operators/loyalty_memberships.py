@@ -87,7 +87,7 @@ class LoyaltyMembershipAddOperator(BaseOperator):
     :param max_rejected_rows: rejections tolerated before the task stops and fails.
     :param if_exists: ``"skip"``: never add a membership (account + program) Mews already
         has, at one getAll per batch; ``"add"``: add without checking; ``"update"``: upsert:
-        add new rows, send only the changed fields of rows Mews has (README "Sync modes").
+        add new rows, send only the changed fields of rows Mews has (docs/howto/upsert.md).
     :param max_active_requests: batches in flight at once (all under the rate limiter); 16 lets a
         front-loaded window of 20 requests leave in two waves at ~1 s per 1000-row add.
     :param results_table: table (on ``output_conn_id``) receiving each row's Mews Id.

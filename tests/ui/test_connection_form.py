@@ -7,7 +7,7 @@ then drives Debian's Chromium with Playwright: Admin > Connections > Add Connect
 ``ui-field-behaviour``), fills it for the local sandbox, saves, presses Test and reads the
 toast; then the same with a wrong access token, which must show the sandbox's 401.
 
-Screenshots and the API server log go to ``.artifacts/ui/``; the README's copies in
+Screenshots and the API server log go to ``.artifacts/ui/``; the docs' copies in
 ``docs/img/`` are rewritten only by ``make screenshots`` (``MEWS_UPDATE_SCREENSHOTS=1``), so a
 test run leaves the work tree clean.
 
@@ -276,7 +276,7 @@ def _press_test(page: Page, row: Locator, title: str) -> tuple[Locator, dict[str
 
 
 def _save_png(name: str, data: bytes) -> None:
-    """Into .artifacts/ui; into the README's docs/img only for `make screenshots`."""
+    """Into .artifacts/ui; into docs/img (the docs' and README's) only for `make screenshots`."""
     for folder in (DOCS_IMG, ARTIFACTS) if UPDATE_SCREENSHOTS else (ARTIFACTS,):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
