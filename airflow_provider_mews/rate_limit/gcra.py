@@ -92,6 +92,17 @@ FRONT_MARGIN = 0.10
 #: first 429 comes within a window even when the server's limit is the configured one (measured:
 #: one per run at 0.81 of the ceiling, against none at 0.90 with this margin).
 PACE_MARGIN = 0.02
+#: Learning the server (issue 21). While a token's windows meet no 429, each window sent is
+#: evidence that the server holds them: after ``LEARN_AFTER_WINDOWS`` windows at ``FRONT_MARGIN``
+#: the margin shrinks linearly, window by window, to ``LEARNED_MARGIN`` over ``LEARN_WINDOWS``
+#: windows (40 s at 200 per 30 s). The margin covers a count lagging up to ``FRONT_MARGIN`` of a
+#: tenth of the period (0.3 s at 30 s): against a server window of a tenth it needs all 10 %,
+#: against Mews's own 30 s window a tenth of that, 1 %, plus the threads' lateness: 2 %, the even
+#: pace's own margin. A 429 while the margin is below ``FRONT_MARGIN`` ends the probe: today's
+#: windows again (``FRONT_MARGIN``), no learning for ``FRONT_RETRY_PERIODS``, and no cut.
+LEARN_AFTER_WINDOWS = 8
+LEARN_WINDOWS = 2
+LEARNED_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -120,9 +131,14 @@ class Params:
         return per_window if FRONT_MIN_REQUESTS <= per_window <= FRONT_MAX_REQUESTS else 0
 
     @property
+    def front_base_s(self) -> float:
+        """The time ``front_limit`` requests take at the configured rate (a window, before its margin)."""
+        return self.period_s * self.front_limit / self.limit
+
+    @property
     def front_window_s(self) -> float:
-        """The front-loaded window: ``front_limit`` requests at the configured rate, plus ``FRONT_MARGIN``."""
-        return self.period_s * self.front_limit / self.limit * (1 + FRONT_MARGIN)
+        """The front-loaded window before any learning: ``front_base_s`` plus ``FRONT_MARGIN``."""
+        return self.front_base_s * (1 + FRONT_MARGIN)
 
     @property
     def interval_s(self) -> float:
@@ -139,7 +155,8 @@ class State:
     factor: float = 1.0  # learned share of the configured rate, at time ``cut``
     cut: float = 0.0  # when the factor was last lowered
     peak: float = 0.0  # the factor at which that 429 came (0: none yet)
-    log: list[float] = field(default_factory=list)  # the last ``front_limit`` slots booked, in order
+    log: list[float] = field(default_factory=list)  # the slots booked lately, in order (see reserve)
+    clean: float = 0.0  # requests booked in windows since the last 429 (the learning's evidence)
 
 
 def factor_at(state: State, params: Params, now: float) -> float:
@@ -156,6 +173,19 @@ def front_allowed(state: State, params: Params, now: float) -> bool:
     return state.peak == 0 or now - state.cut >= FRONT_RETRY_PERIODS * params.period_s
 
 
+def learning_allowed(state: State, params: Params, now: float) -> bool:
+    """Whether windows may learn: no 429 yet, or none for ``FRONT_RETRY_PERIODS`` periods."""
+    return state.cut == 0 or now - state.cut >= FRONT_RETRY_PERIODS * params.period_s
+
+
+def front_margin(state: State, params: Params) -> float:
+    """The windows' margin: ``FRONT_MARGIN``, shrinking to ``LEARNED_MARGIN`` as windows meet no 429."""
+    learned = state.clean / params.front_limit - LEARN_AFTER_WINDOWS if params.front_limit else 0.0
+    if learned <= 0:
+        return FRONT_MARGIN
+    return max(LEARNED_MARGIN, FRONT_MARGIN - (FRONT_MARGIN - LEARNED_MARGIN) * learned / LEARN_WINDOWS)
+
+
 def reserve(state: State, params: Params, now: float, max_wait_s: float | None) -> float | None:
     """Book the next slot; returns its time (>= now), or None (state untouched) if later than ``max_wait_s``."""
     factor = factor_at(state, params, now)
@@ -170,7 +200,7 @@ def reserve(state: State, params: Params, now: float, max_wait_s: float | None) 
     if front:
         slot = max(start, log[-1]) if log else start
         if len(log) >= front:
-            slot = max(slot, log[-front] + params.front_window_s)
+            slot = max(slot, log[-front] + params.front_base_s * (1 + front_margin(state, params)))
         tat = slot
     else:
         interval = params.interval_s / factor
@@ -180,9 +210,16 @@ def reserve(state: State, params: Params, now: float, max_wait_s: float | None) 
     if max_wait_s is not None and slot - now > max_wait_s:
         return None
     state.tat = tat
+    if front and learning_allowed(state, params, now):
+        state.clean = min(state.clean + 1, front * (LEARN_AFTER_WINDOWS + LEARN_WINDOWS))
     if params.front_limit:  # kept at every pace: front-loading resumes from what was sent
         log = [*log, slot] if not log or slot >= log[-1] else sorted([*log, slot])
-        state.log = log[-params.front_limit :]
+        # The last front_limit slots, and every slot a booking from now on may meet in its window:
+        # when a 429 forgets the slots ahead, the past ones are still known.
+        keep = len(log) - params.front_limit
+        while keep > 0 and log[keep - 1] >= now - params.front_window_s:
+            keep -= 1
+        state.log = log[max(0, keep) :]
     elif state.log:
         state.log = []
     return slot
@@ -192,10 +229,22 @@ def on_429(state: State, params: Params, now: float, retry_after_s: float, slot:
     """Apply a 429 answered to the request sent in ``slot``. True when it lowered the factor."""
     state.hold = max(state.hold, now + retry_after_s)
     state.tat = max(state.tat, state.hold)
-    # Slots still ahead are forgotten (after a cut their callers book again: must_rebook).
-    state.log = [t for t in state.log if t <= now]
+    # Slots before the hold's end are forgotten: their callers wake inside it and book again
+    # (must_rebook). Slots after it are sent unless this 429 cuts (then every slot ahead is stale).
+    state.log = [t for t in state.log if t <= now or t >= state.hold]
     if slot is not None and slot < state.cut:
         return False  # sent before the last cut: already learned from
+    state.log = [t for t in state.log if t <= now]
+    if front_margin(state, params) < FRONT_MARGIN:
+        # A probe failed: today's windows again, and no learning for FRONT_RETRY_PERIODS. The
+        # rate is whole (windows run only then), so the peak's cap had faded above it: forgotten,
+        # lest it bar the windows; the slots booked at the narrower margin are booked again.
+        state.clean = 0.0
+        state.peak = 0.0
+        state.cut = now
+        state.tat = state.hold
+        return True
+    state.clean = 0.0
     factor = factor_at(state, params, now)
     step = REFINE_STEP if state.peak > 0 and factor <= state.factor + 1e-9 else STEP
     state.peak = factor

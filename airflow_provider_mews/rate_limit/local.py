@@ -28,8 +28,13 @@ DB_NAME = "rate-limit.sqlite3"
 #: Rows untouched for this long are deleted (their factor has long recovered).
 STALE_S = 24 * 3600.0
 #: Columns added after the first version: ``peak`` (the recovery cap, 0.x) and ``log`` (the last
-#: slots of the front-loaded windows, as text: ``repr`` keeps every bit of a float).
-ADDED_COLUMNS = {"peak": "REAL NOT NULL DEFAULT 0", "log": "TEXT NOT NULL DEFAULT ''"}
+#: slots of the front-loaded windows, as text: ``repr`` keeps every bit of a float) and ``clean``
+#: (requests sent in windows since the last 429: what the windows have learned).
+ADDED_COLUMNS = {
+    "peak": "REAL NOT NULL DEFAULT 0",
+    "log": "TEXT NOT NULL DEFAULT ''",
+    "clean": "REAL NOT NULL DEFAULT 0",
+}
 
 
 class MemoryBackend:
@@ -123,16 +128,16 @@ class SqliteBackend:
             try:
                 now = time.time()
                 row = conn.execute(
-                    "SELECT tat, hold, factor, cut, peak, log FROM gcra WHERE key = ?", (key,)
+                    "SELECT tat, hold, factor, cut, peak, log, clean FROM gcra WHERE key = ?", (key,)
                 ).fetchone()
                 state = State()
                 if row:
-                    tat, hold, factor, cut, peak, slots = row
-                    state = State(tat, hold, factor, cut, peak, [float(t) for t in slots.split()])
+                    tat, hold, factor, cut, peak, slots, clean = row
+                    state = State(tat, hold, factor, cut, peak, [float(t) for t in slots.split()], clean)
                 result = change(state, now)  # type: ignore[operator]
                 conn.execute(
-                    "INSERT OR REPLACE INTO gcra (key, tat, hold, factor, cut, used, peak, log) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO gcra (key, tat, hold, factor, cut, used, peak, log, clean) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         key,
                         state.tat,
@@ -142,6 +147,7 @@ class SqliteBackend:
                         now,
                         state.peak,
                         " ".join(map(repr, state.log)),
+                        state.clean,
                     ),
                 )
                 conn.execute("COMMIT")

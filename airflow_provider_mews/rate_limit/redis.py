@@ -14,7 +14,11 @@ from typing import Any
 
 from airflow_provider_mews.rate_limit.gcra import (
     FACTOR_MIN,
+    FRONT_MARGIN,
     FRONT_RETRY_PERIODS,
+    LEARN_AFTER_WINDOWS,
+    LEARN_WINDOWS,
+    LEARNED_MARGIN,
     PEAK_DECAY,
     PEAK_MARGIN,
     RECOVERY_DELAY_PERIODS,
@@ -30,9 +34,10 @@ TTL_S = 24 * 3600
 SOCKET_TIMEOUT_S = 2.0
 
 # KEYS[1] = state hash. ARGV: op ("reserve" | "429" | "hold" | "stale"), limit-interval (s), burst,
-# period (s), front limit, front window (s), then for reserve: max wait (s, or -1 for none); for
+# period (s), front limit, front base (s: a window before its margin), then for reserve: max wait (s, or -1 for none); for
 # 429: retry-after (s), slot (or -1); for stale: the time the slot was booked (Redis clock).
-# Mirrors gcra.reserve / gcra.on_429 / gcra.must_rebook / gcra.factor_at / gcra.front_allowed;
+# Mirrors gcra.reserve / gcra.on_429 / gcra.must_rebook / gcra.factor_at / gcra.front_allowed /
+# gcra.learning_allowed / gcra.front_margin, expression by expression (the same floats);
 # the log of the last slots is a space-separated string, as in the SQLite file.
 _LUA = """
 local t = redis.call('TIME')
@@ -43,16 +48,28 @@ local interval0 = tonumber(ARGV[2])
 local burst0 = tonumber(ARGV[3])
 local period = tonumber(ARGV[4])
 local front_limit = tonumber(ARGV[5])
-local front_window = tonumber(ARGV[6])
-local s = redis.call('HMGET', key, 'tat', 'hold', 'factor', 'cut', 'peak', 'log')
+local front_base = tonumber(ARGV[6])
+local s = redis.call('HMGET', key, 'tat', 'hold', 'factor', 'cut', 'peak', 'log', 'clean')
 local tat = tonumber(s[1]) or 0
 local hold = tonumber(s[2]) or 0
 local factor = tonumber(s[3]) or 1
 local cut = tonumber(s[4]) or 0
 local peak = tonumber(s[5]) or 0
+local clean = tonumber(s[7]) or 0
 local log = {}
 for w in string.gmatch(s[6] or '', '%S+') do log[#log + 1] = tonumber(w) end
 local function fmt(x) return string.format('%.17g', x) end
+local function margin()
+  if front_limit <= 0 then return __FRONT_MARGIN__ end
+  local learned = clean / front_limit - __LEARN_AFTER__
+  if learned <= 0 then return __FRONT_MARGIN__ end
+  return math.max(__LEARNED_MARGIN__, __FRONT_MARGIN__ - (__FRONT_MARGIN__ - __LEARNED_MARGIN__) * learned / __LEARN_WINDOWS__)
+end
+local function keep_log(keep)
+  local kept = {}
+  for i = 1, #log do if keep(log[i]) then kept[#kept + 1] = log[i] end end
+  log = kept
+end
 if op == 'hold' then
   return fmt(math.max(0, hold - now))
 end
@@ -72,10 +89,12 @@ if op == 'reserve' then
   local q = math.max(tat, start)
   if q > start + period * 10 then q = start end
   local slot
+  local front = 0
   if front_limit > 0 and f >= 1 and (peak == 0 or now - cut >= __FRONT_RETRY__ * period) then
+    front = front_limit
     slot = start
     if #log > 0 then slot = math.max(slot, log[#log]) end
-    if #log >= front_limit then slot = math.max(slot, log[#log - front_limit + 1] + front_window) end
+    if #log >= front then slot = math.max(slot, log[#log - front + 1] + front_base * (1 + margin())) end
     q = slot
   else
     local interval = interval0 / f
@@ -88,11 +107,21 @@ if op == 'reserve' then
     return {'', fmt(now)}
   end
   tat = q
+  if front > 0 and (cut == 0 or now - cut >= __FRONT_RETRY__ * period) then
+    clean = math.min(clean + 1, front * (__LEARN_AFTER__ + __LEARN_WINDOWS__))
+  end
   if front_limit > 0 then
     local i = #log + 1
     while i > 1 and log[i - 1] > slot do i = i - 1 end
     table.insert(log, i, slot)
-    while #log > front_limit do table.remove(log, 1) end
+    local keep = #log - front_limit
+    local oldest = now - front_base * (1 + __FRONT_MARGIN__)
+    while keep > 0 and log[keep] >= oldest do keep = keep - 1 end
+    if keep > 0 then
+      local kept = {}
+      for j = keep + 1, #log do kept[#kept + 1] = log[j] end
+      log = kept
+    end
   else
     log = {}
   end
@@ -102,22 +131,31 @@ else
   local slot = tonumber(ARGV[8])
   hold = math.max(hold, now + retry_after)
   tat = math.max(tat, hold)
-  while #log > 0 and log[#log] > now do log[#log] = nil end
+  keep_log(function(t) return t <= now or t >= hold end)
   result = {'0', ''}
   if slot < 0 or slot >= cut then
-    local step = __STEP__
-    if peak > 0 and f <= factor + 1e-9 then step = __REFINE_STEP__ end
-    peak = f
-    factor = math.max(__FACTOR_MIN__, f - step)
-    cut = now
-    tat = hold
+    keep_log(function(t) return t <= now end)
+    if margin() < __FRONT_MARGIN__ then
+      clean = 0
+      peak = 0
+      cut = now
+      tat = hold
+    else
+      clean = 0
+      local step = __STEP__
+      if peak > 0 and f <= factor + 1e-9 then step = __REFINE_STEP__ end
+      peak = f
+      factor = math.max(__FACTOR_MIN__, f - step)
+      cut = now
+      tat = hold
+    end
     result = {'1', ''}
   end
 end
 local parts = {}
 for i = 1, #log do parts[i] = fmt(log[i]) end
 redis.call('HSET', key, 'tat', fmt(tat), 'hold', fmt(hold), 'factor', fmt(factor), 'cut', fmt(cut),
-  'peak', fmt(peak), 'log', table.concat(parts, ' '))
+  'peak', fmt(peak), 'log', table.concat(parts, ' '), 'clean', fmt(clean))
 redis.call('EXPIRE', key, __TTL__)
 return result
 """
@@ -131,6 +169,10 @@ _CONSTANTS = {
     "__STEP__": repr(STEP),
     "__TTL__": str(TTL_S),
     "__FRONT_RETRY__": repr(FRONT_RETRY_PERIODS),
+    "__FRONT_MARGIN__": repr(FRONT_MARGIN),
+    "__LEARNED_MARGIN__": repr(LEARNED_MARGIN),
+    "__LEARN_AFTER__": repr(LEARN_AFTER_WINDOWS),
+    "__LEARN_WINDOWS__": repr(LEARN_WINDOWS),
 }
 LUA = _LUA
 for _name, _value in _CONSTANTS.items():
@@ -171,7 +213,7 @@ class RedisBackend:
             params.effective_burst,
             repr(params.period_s),
             params.front_limit,
-            repr(params.front_window_s),
+            repr(params.front_base_s),
         ]
 
     def reserve(self, key: str, params: Params, max_wait_s: float | None) -> tuple[float, float] | None:

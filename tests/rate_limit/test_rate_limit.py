@@ -84,7 +84,11 @@ def test_while_the_rate_is_whole_each_tenth_of_the_period_is_front_loaded():
     assert slots == sorted(slots)
     assert max_in_window(slots, params.front_window_s - 1e-9) == 20
     assert max_in_window(slots, 30.0) <= 200
-    assert len(state.log) == 20  # only the last window's slots are kept
+    # Slots booked ahead are kept (a 429 may forget them, and the past must still be known);
+    # once they have passed, only the last window's.
+    assert len(state.log) == 120
+    gcra.reserve(gcra_copy := State(**{**state.__dict__, "log": list(state.log)}), params, 200.0, None)
+    assert len(gcra_copy.log) == 20
     # A 429: held, then even at the cut rate (no windows while the rate is cut).
     now = slots[30]
     assert gcra.on_429(state, params, now, 1.0, slots[25]) is True
