@@ -249,6 +249,7 @@ SERVERS: tuple[tuple[str, str, int, tuple[str, ...], float], ...] = (
 
 def simulated(rate: str, rows: int, if_exists: str, seeds: int = 20) -> dict[str, float]:
     """The same run in :mod:`benchmarks.limiter_sim` (a simulated clock): median and worst of ``seeds``."""
+    from airflow_provider_mews.operators.loyalty_memberships import DEFAULT_MAX_ACTIVE_REQUESTS
     from airflow_provider_mews.rate_limit.gcra import Params
     from benchmarks.limiter_sim import LearningGcra, simulate
 
@@ -261,6 +262,7 @@ def simulated(rate: str, rows: int, if_exists: str, seeds: int = 20) -> dict[str
             limit=int(count),
             window_s=float(period),
             count_delay_s=ADVERSARIAL_COUNT_DELAY_MS / 1000,
+            workers=DEFAULT_MAX_ACTIVE_REQUESTS,
             seed=seed,
         )
         for seed in range(seeds)

@@ -155,9 +155,9 @@ def test_upsert_20000_rows_adds_updates_only_changed_fields_and_skips_unchanged(
         for u in e["LoyaltyMembershipUpdates"]
     }
     assert sent == expected  # exactly the changed fields, nothing for the unchanged rows
-    assert (
-        sorted(e["operation"] for e in log) == [ADD] * 5 + [UPDATE] * 5
-    )  # batches 1-10 (unchanged): no write
+    # Batches of 999 (an upsert at the default batch_size): rows 0-9989 (batches 1-10) unchanged,
+    # no write; the changed rows 10 000-14 999 fall in batches 11-16, the new ones in 16-21.
+    assert sorted(e["operation"] for e in log) == [ADD] * 6 + [UPDATE] * 6
     stored = {m["Id"]: m for m in mews_sandbox.memberships()}
     assert len(stored) == 20_000 and {m["AccountId"] for m in stored.values()} >= set(new_accounts)
     assert all(stored[i]["LoyaltyTierId"] is None for i, c in expected.items() if "LoyaltyTierId" in c)
@@ -167,6 +167,26 @@ def test_upsert_20000_rows_adds_updates_only_changed_fields_and_skips_unchanged(
         read(sqlite_db, "SELECT mews_membership_id, changed_fields FROM results WHERE outcome = 'updated'")
     )
     assert {i: set(f.split(",")) for i, f in fields.items()} == {i: set(c) for i, c in expected.items()}
+
+
+def test_an_upsert_batch_whose_memberships_all_exist_costs_one_getall(
+    run_dag, mews_conn, mews_sandbox, sqlite_db
+):
+    """3 000 rows, every membership in Mews, 300 changed: batches of 999 rows, so the lookup's page
+    of 1000 is never full and one getAll answers each batch (a batch of 1000 costs two: its full
+    page needs a second read to learn it was the last). Nothing is read twice, nothing added."""
+    existing = seed(mews_sandbox, 3_000)
+    rows = [as_row(n, m) for n, m in enumerate(existing)]
+    rows = [(*r[:6], r[6] + 1, r[7]) if n % 10 == 0 else r for n, r in enumerate(rows)]
+    write_table(sqlite_db, rows)
+
+    dr = run(run_dag, "t_sync_one_read", "LoyaltyMembershipAddOperator", if_exists="update")
+    assert dr.state == "success"
+    summary = task_result(dr, "sync")
+    assert (summary["added"], summary["updated"], summary["unchanged"]) == (0, 300, 2_700)
+    reads = mews_sandbox.request_log("loyaltyMemberships/getAll")
+    assert [e["filters"]["AccountIds"] for e in reads] == [999, 999, 999, 3]  # one per batch
+    assert len(mews_sandbox.request_log(UPDATE)) == 3 and mews_sandbox.request_log(ADD) == []  # 300 changed: batches 1-3
 
 
 def mirror_source(sandbox: MewsSandbox, db: Path, keep: int, total: int = 10_000) -> list[dict[str, Any]]:

@@ -217,6 +217,95 @@ def test_recovery_stays_below_the_rate_of_the_last_429_and_that_memory_fades():
     assert (fresh.peak, fresh.factor) == (1.0, pytest.approx(1 - gcra.STEP))
 
 
+def book_windows(state: State, params: Params, windows: int, now: float) -> list[float]:
+    """Book ``windows`` windows' worth of slots, all asked at ``now`` (callers waiting in line)."""
+    return [gcra.reserve(state, params, now, None) for _ in range(windows * params.front_limit)]  # type: ignore[misc]
+
+
+def window_gaps(slots: list[float], front: int) -> list[float]:
+    """The time between the first slots of consecutive windows."""
+    return [b - a for a, b in itertools.pairwise(slots[::front])]
+
+
+def test_windows_that_meet_no_429_learn_a_narrower_margin_within_its_bounds():
+    """200 per 30 s: a period's windows (10) at FRONT_MARGIN (3.3 s apart), then the margin shrinks over
+    LEARN_WINDOWS windows to LEARNED_MARGIN (3.06 s) and stays there: never narrower, and any
+    30 s plus the learned margin still holds at most 200 (a server enforcing Mews's own window,
+    counting up to 0.3 s late, meets no 429)."""
+    params = Params(limit=200, period_s=30.0)
+    assert (gcra.LEARN_AFTER_WINDOWS, gcra.LEARN_WINDOWS, gcra.LEARNED_MARGIN) == (10, 2, 0.02)
+    state = State()
+    slots = book_windows(state, params, 32, 100.0)
+    gaps = window_gaps(slots, 20)
+    assert gaps[:10] == pytest.approx([3.3] * 10)  # windows of a tenth, as before any learning
+    assert gaps[10] == pytest.approx(3.0 * 1.06)  # half way: 10 % -> 6 %
+    assert gaps[11:] == pytest.approx([3.0 * 1.02] * 20)  # learned: 2 %, and no further
+    assert min(b - a for a, b in zip(slots, slots[20:], strict=False)) == pytest.approx(3.06)
+    assert max_in_window(slots, 30.6 - 1e-9) == 200
+    assert state.clean == 20 * (gcra.LEARN_AFTER_WINDOWS + gcra.LEARN_WINDOWS)  # bounded evidence
+    assert gcra.front_margin(State(clean=1e9), params) == gcra.LEARNED_MARGIN
+    # The even pace (limits outside 10-100 per window) learns nothing.
+    even = State()
+    book_windows(even, Params(limit=60, period_s=30.0, burst=1), 0, 0.0)
+    for _ in range(300):
+        gcra.reserve(even, Params(limit=60, period_s=30.0, burst=1), 0.0, None)
+    assert even.clean == 0
+
+
+def test_a_429_of_a_learned_window_drops_back_to_windows_of_a_tenth_and_a_second_one_cuts():
+    params = Params(limit=200, period_s=30.0)
+    state = State()
+    slots = book_windows(state, params, 14, 100.0)  # learned: the last windows 3.06 s apart
+    assert gcra.front_margin(state, params) == pytest.approx(gcra.LEARNED_MARGIN)
+    now = slots[-1] + 0.2
+    # The probe failed: held for Retry-After, back to today's windows (10 %), the rate whole.
+    assert gcra.on_429(state, params, now, 1.0, slots[-1]) is True
+    assert (state.factor, state.peak, state.clean, state.cut) == (1.0, 0.0, 0.0, now)
+    assert gcra.front_margin(state, params) == gcra.FRONT_MARGIN
+    assert gcra.must_rebook(state, now + 2.0, booked_at=now - 0.1)  # booked at the narrow margin: again
+    # Windows of a tenth go on, and do not learn again for FRONT_RETRY_PERIODS (an hour at 30 s).
+    after = book_windows(state, params, 15, now)
+    assert after[0] >= now + 1.0
+    assert window_gaps(after, 20) == pytest.approx([3.3] * 14)
+    assert state.clean == 0
+    # The other requests of the failed window answer 429 too: honoured, nothing more learned.
+    assert gcra.on_429(state, params, now + 0.1, 1.0, slots[-2]) is False
+    assert state.factor == 1.0
+    # A 429 at today's windows: today's answer, the cut to the even pace.
+    assert gcra.on_429(state, params, after[-1] + 0.1, 1.0, after[-1]) is True
+    assert state.factor == pytest.approx(1 - gcra.STEP) and state.peak == 1.0
+    # A 429 before the windows learned anything (a server shorter than a tenth) cuts at once.
+    early = State()
+    first = book_windows(early, params, 3, 0.0)
+    assert gcra.on_429(early, params, 0.3, 1.0, first[0]) is True
+    assert early.factor == pytest.approx(1 - gcra.STEP)
+    # An hour after the failed probe the windows learn again.
+    later = now + gcra.FRONT_RETRY_PERIODS * 30.0 + 1.0
+    probe = State(cut=now)
+    book_windows(probe, params, 1, now + 10.0)
+    assert probe.clean == 0
+    book_windows(probe, params, 1, later)
+    assert probe.clean == 20
+
+
+def test_a_429_forgets_only_the_slots_its_hold_makes_stale_and_the_log_keeps_the_past():
+    """Learned windows 3.06 s apart, 40 slots booked at once (two windows). A probe fails 0.5 s
+    in: the slots ahead are forgotten, the 20 sent are still known, so the next window leaves a
+    whole window after them (not at the hold's end: 40 in 3.3 s). A later 429 of a request sent
+    before that cut forgets nothing booked after its hold."""
+    params = Params(limit=200, period_s=30.0)
+    state = State(clean=20 * (gcra.LEARN_AFTER_WINDOWS + gcra.LEARN_WINDOWS))
+    slots = book_windows(state, params, 2, 0.0)
+    assert slots[20] == pytest.approx(3.06)
+    assert gcra.on_429(state, params, 0.5, 1.0, slots[0]) is True
+    assert state.log == slots[:20]
+    again = book_windows(state, params, 1, 0.5)
+    assert again == pytest.approx([3.3] * 20)  # 20 after the 20 sent at 0, at today's margin
+    assert gcra.on_429(state, params, 0.6, 0.5, slots[1]) is False  # in flight before the cut
+    assert state.log == slots[:20] + again  # booked after its hold (1.1 s): still sent
+    assert book_windows(state, params, 1, 0.6)[0] == pytest.approx(6.6)
+
+
 # -- backends --
 
 
