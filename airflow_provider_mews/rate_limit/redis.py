@@ -36,6 +36,7 @@ SOCKET_TIMEOUT_S = 2.0
 # KEYS[1] = state hash. ARGV: op ("reserve" | "429" | "hold" | "stale"), limit-interval (s), burst,
 # period (s), front limit, front base (s: a window before its margin), then for reserve: max wait (s, or -1 for none); for
 # 429: retry-after (s), slot (or -1); for stale: the time the slot was booked (Redis clock).
+# reserve and 429 return two strings: the slot (or '') / whether it cut ('1' or '0'), and now.
 # Mirrors gcra.reserve / gcra.on_429 / gcra.must_rebook / gcra.factor_at / gcra.front_allowed /
 # gcra.learning_allowed / gcra.front_margin, expression by expression (the same floats);
 # the log of the last slots is a space-separated string, as in the SQLite file.
@@ -132,7 +133,7 @@ else
   hold = math.max(hold, now + retry_after)
   tat = math.max(tat, hold)
   keep_log(function(t) return t <= now or t >= hold end)
-  result = {'0', ''}
+  result = {'0', fmt(now)}
   if slot < 0 or slot >= cut then
     keep_log(function(t) return t <= now end)
     if margin() < __FRONT_MARGIN__ then
@@ -149,7 +150,7 @@ else
       cut = now
       tat = hold
     end
-    result = {'1', ''}
+    result = {'1', fmt(now)}
   end
 end
 local parts = {}

@@ -26,6 +26,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -524,6 +525,65 @@ def test_every_backend_rebooks_slots_booked_before_a_cut(backend: Any, request: 
     waiter.join(timeout=10)
     assert len(bookings) == 2, bookings
     assert waiter_slots == [bookings[1]]
+
+
+def test_the_redis_script_mirrors_the_pure_functions_float_for_float(
+    redis_server: int, monkeypatch: pytest.MonkeyPatch
+):
+    """400 random states (learning or learned, held, cut, with slots logged ahead and behind) and
+    random operations on them: the Lua script (on Redis's clock, whose ``now`` it returns) and
+    :mod:`gcra` (replaying that ``now``) give the same slots and leave the same state, bit for bit."""
+    import random
+
+    from airflow_provider_mews.rate_limit.redis import KEY_PREFIX, RedisBackend
+
+    monkeypatch.setenv("AIRFLOW_CONN_RATE_REDIS", redis_conn_env(redis_server))
+    backend = RedisBackend("rate_redis")
+    rng = random.Random(21)
+    choices = [Params(200, 30.0), Params(100, 4.0), Params(50, 30.0, burst=1), Params(2000, 30.0)]
+    ops = Counter()
+    for case in range(400):
+        params = rng.choice(choices)
+        key = f"mirror-{case}-{time.time()}"
+        t = time.time()
+        front = params.front_limit or 10
+        state = State(
+            tat=rng.choice([0.0, t + rng.uniform(-5.0, 5.0)]),
+            hold=rng.choice([0.0, 0.0, t + rng.uniform(-1.0, 2.0)]),
+            factor=rng.choice([1.0, 1.0, 0.9, gcra.FACTOR_MIN]),
+            cut=rng.choice([0.0, t - rng.uniform(0.0, 2 * gcra.FRONT_RETRY_PERIODS * params.period_s)]),
+            peak=rng.choice([0.0, 0.0, 1.0, 0.95]),
+            log=sorted(t + rng.uniform(-params.period_s / 5, params.period_s / 5) for _ in range(rng.randint(0, 3 * front))),
+            clean=rng.choice([0.0, float(rng.randint(0, 13 * front)), 12.0 * front]),
+        )
+        fields = {name: repr(getattr(state, name)) for name in ("tat", "hold", "factor", "cut", "peak", "clean")}
+        backend.client.hset(KEY_PREFIX + key, mapping={**fields, "log": " ".join(map(repr, state.log))})
+        booked: list[float] = []
+        for _ in range(rng.randint(1, 40)):
+            if rng.random() < 0.8:
+                wait = rng.choice([None, None, 0.0, rng.uniform(0.0, 3.0)])
+                arg = -1.0 if wait is None else wait
+                slot, now = backend._run(key, "reserve", *backend._base(params), repr(arg))
+                expected = gcra.reserve(state, params, float(now), wait)
+                assert (float(slot) if slot else None) == expected, (case, state)
+                if expected is not None:
+                    booked.append(expected)
+                ops["reserve"] += 1
+            else:
+                slot_of = rng.choice([None, *booked[-5:], state.cut - 1.0 if state.cut > 1 else None])
+                retry = rng.choice([0.0, 1.0, rng.uniform(0.0, 3.0)])
+                arg = -1.0 if slot_of is None else slot_of
+                cut, now = backend._run(key, "429", *backend._base(params), repr(retry), repr(arg))
+                expected_cut = gcra.on_429(state, params, float(now), retry, slot_of)
+                assert (cut in (b"1", "1")) == expected_cut, (case, state)
+                ops["429 cut" if expected_cut else "429"] += 1
+            stored = backend.client.hgetall(KEY_PREFIX + key)
+            stored = {k.decode(): v.decode() for k, v in stored.items()}
+            for name in ("tat", "hold", "factor", "cut", "peak", "clean"):
+                assert float(stored[name]) == getattr(state, name), (case, name, stored, state)
+            assert [float(x) for x in stored["log"].split()] == state.log, (case, stored, state)
+            ops["learning"] += gcra.front_margin(state, params) < gcra.FRONT_MARGIN
+    assert min(ops.values()) >= 50, ops  # every kind of step was met, learned windows included
 
 
 def test_a_state_file_of_the_previous_version_gains_the_peak_and_log_columns(tmp_path: Path):
