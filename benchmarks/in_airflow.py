@@ -177,12 +177,76 @@ class Runner:
         }
 
 
+#: The regression guard (issue 21): the task's CPU per row (the minimum of a size's runs) must stay
+#: at most this at every size: the 10-12 us measured on this machine, 8 % of one core at Mews's
+#: ceiling (6 667 rows/s) ...
+GUARD_US_PER_ROW = 12.0
+#: ... and flat: the largest size at most this much above the smallest (a cost growing with the rows
+#: of a run, e.g. a structure that is never emptied, shows here first). Measured: -7 % to +1 %.
+GUARD_GROWTH = 0.10
+#: Above this 1-minute load average per core during a run, CPU per row is inflated by other work
+#: (caches, frequency, the hypervisor): a figure beyond the guard then proves nothing either way.
+GUARD_MAX_LOAD_PER_CORE = 1.0
+#: Sizes from this many rows run once, whatever ``repeats`` says (10 M rows: ~2 min of both cores).
+ONCE_FROM_ROWS = 5_000_000
+
+
+def guard(measured: dict[str, Any]) -> tuple[str, list[str]]:
+    """Check a :func:`measure` result against the guard: ``("PASS" | "FAIL" | "UNMEASURED", lines)``.
+
+    FAIL: a bound is exceeded on a machine quiet enough to measure. UNMEASURED: a bound is
+    exceeded but some run had more than ``GUARD_MAX_LOAD_PER_CORE`` load per core (run again on a
+    quiet machine); within the bounds is a PASS at any load (load only adds CPU).
+    """
+    per_row = {
+        int(rows): size.get("task_us_per_row_min", size.get("us_per_row"))
+        for rows, size in measured["sizes"].items()
+    }
+    cores = os.cpu_count() or 1
+    loads = [r["load_average"][0] for size in measured["sizes"].values() for r in size["runs"]]
+    lines, broken = [], []
+    for rows in sorted(per_row):
+        ok = per_row[rows] <= GUARD_US_PER_ROW
+        lines.append(
+            f"{rows:>12,} rows: {per_row[rows]:6.2f} us/row (bound {GUARD_US_PER_ROW:g}) {'ok' if ok else 'OVER'}"
+        )
+        if not ok:
+            broken.append(f"{per_row[rows]:.2f} us/row at {rows:,} rows > {GUARD_US_PER_ROW:g}")
+    if len(per_row) > 1:
+        small, large = min(per_row), max(per_row)
+        growth = per_row[large] / per_row[small] - 1
+        ok = growth <= GUARD_GROWTH
+        lines.append(
+            f"growth {small:,} -> {large:,} rows: {growth:+.1%} (bound {GUARD_GROWTH:+.0%}) {'ok' if ok else 'OVER'}"
+        )
+        if not ok:
+            broken.append(
+                f"CPU per row grew {growth:+.1%} from {small:,} to {large:,} rows > {GUARD_GROWTH:+.0%}"
+            )
+    busiest = max(loads, default=0.0)
+    lines.append(f"highest 1-min load during a run: {busiest:.2f} on {cores} cores")
+    if not broken:
+        return "PASS", [*lines, "PASS: in-Airflow CPU per row within the regression guard"]
+    if busiest > GUARD_MAX_LOAD_PER_CORE * cores:
+        return "UNMEASURED", [
+            *lines,
+            f"UNMEASURED: {'; '.join(broken)}, but the machine was loaded (load {busiest:.2f} > "
+            f"{GUARD_MAX_LOAD_PER_CORE:g} per core): run again on a quiet machine before believing it",
+        ]
+    return "FAIL", [*lines, f"FAIL: in-Airflow CPU per row regressed: {'; '.join(broken)}"]
+
+
+#: Exit codes of the guard: a regression fails loudly; an unmeasurable machine is not a pass.
+GUARD_EXIT = {"PASS": 0, "FAIL": 1, "UNMEASURED": 3}
+
+
 def measure(
     runner: Runner, sizes: list[int], base_rows: int, base_repeats: int = 2, repeats: int = 1
 ) -> dict[str, Any]:
     """Each size ``repeats`` times (rounds over all sizes, so the machine's load spreads over
-    every size alike); per size the median and the minimum of the runs. The minimum is the
-    figure least disturbed by other work on the machine; the spread over sizes is taken on it."""
+    every size alike; sizes from ``ONCE_FROM_ROWS`` once); per size the median and the minimum of
+    the runs. The minimum is the figure least disturbed by other work on the machine; the spread
+    over sizes is taken on it."""
     base = [runner.run(base_rows) for _ in range(base_repeats)]
     base_cpu = statistics.median(r["cpu_s"] for r in base)
     base_sys = statistics.median(r["sys_s"] for r in base)
@@ -198,6 +262,8 @@ def measure(
     runs: dict[int, list[dict[str, Any]]] = {rows: [] for rows in sizes}
     for round_no in range(1, repeats + 1):
         for rows in sizes:
+            if round_no > 1 and rows >= ONCE_FROM_ROWS:
+                continue
             result = runner.run(rows)
             result["us_per_row"] = (result["cpu_s"] - base_cpu) / (rows - base_rows) * 1e6
             result["sys_us_per_row"] = (result["sys_s"] - base_sys) / (rows - base_rows) * 1e6
@@ -280,10 +346,13 @@ def main(argv: list[str] | None = None) -> int:
                 result = runner.run(max(sizes), profile=args.profile)
                 log(f"profile written to {args.profile} ({result['cpu_s']:.1f} s CPU)")
                 return 0
-            print(json.dumps(measure(runner, sizes, args.base_rows, repeats=args.repeats), indent=2))
+            measured = measure(runner, sizes, args.base_rows, repeats=args.repeats)
+            print(json.dumps(measured, indent=2))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    status, lines = guard(measured)
+    print("\n".join(lines), flush=True)
+    return GUARD_EXIT[status]
 
 
 if __name__ == "__main__":

@@ -300,7 +300,9 @@ def adversarial_section(
     for round_no in range(1, repeats + 1):
         for case in cases:
             rate, rows, if_exists = case["rate"], case["rows"], case["if_exists"]
-            state_dir = workdir / f"limiter-{rate.replace('/', '-')}-{if_exists}-{round_no}"  # nothing learned
+            state_dir = (
+                workdir / f"limiter-{rate.replace('/', '-')}-{if_exists}-{round_no}"
+            )  # nothing learned
             os.environ["MEWS_RATE_LIMIT_DIR"] = str(state_dir)
             load = [round(x, 2) for x in os.getloadavg()]
             try:
@@ -518,20 +520,23 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     inside = results.get("in_airflow")
     if inside:
+        from benchmarks.in_airflow import GUARD_GROWTH, GUARD_US_PER_ROW
+
         per_row = {int(k): v.get("task_us_per_row_min", v["us_per_row"]) for k, v in inside["sizes"].items()}
-        largest = per_row[max(per_row)]
+        worst = max(per_row.values())
         add(
-            f"in-Airflow task CPU per row, {max(per_row):,} rows (us)",
-            largest,
-            "<= 8 (stretch 5)",
-            largest <= 8,
+            "in-Airflow task CPU per row, worst size (us; regression guard)",
+            worst,
+            f"<= {GUARD_US_PER_ROW:g}",
+            worst <= GUARD_US_PER_ROW,
         )
         if len(per_row) > 1:
+            growth = per_row[max(per_row)] / per_row[min(per_row)] - 1
             add(
-                "in-Airflow task CPU per row, spread over sizes",
-                inside["spread"],
-                "<= 0.10",
-                inside["spread"] <= 0.1,
+                f"in-Airflow task CPU per row, growth {min(per_row):,} -> {max(per_row):,} rows (regression guard)",
+                growth,
+                f"<= {GUARD_GROWTH:+.2f}",
+                growth <= GUARD_GROWTH,
             )
     return out
 
@@ -802,6 +807,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         print("\nsmoke mode: every load arrived complete; sizes are too small to judge the targets.")
     print(f"\nwritten: {out_dir / (name + '.json')} and {out_dir / (name + '.md')}")
+    if "in_airflow" in results and not args.smoke:
+        from benchmarks.in_airflow import GUARD_EXIT, guard
+
+        status, lines = guard(results["in_airflow"])
+        print("\nIn-Airflow CPU regression guard:\n" + "\n".join(lines), flush=True)
+        results["in_airflow"]["guard"] = status
+        (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        with open(out_dir / f"{name}.md", "a") as md:
+            md.write(
+                "\nIn-Airflow CPU regression guard (`benchmarks.in_airflow.guard`):\n\n```\n"
+                + "\n".join(lines)
+                + "\n```\n"
+            )
+        return GUARD_EXIT[status]
     return 0
 
 

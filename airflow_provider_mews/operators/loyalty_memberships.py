@@ -46,6 +46,7 @@ UPSERT_FULL_BATCH = 1000
 #: ceiling for 400 000 rows against Mews's own 200 per 30 s, simulated 0.965 against 0.973 with 20).
 DEFAULT_MAX_ACTIVE_REQUESTS = 20
 
+
 class _AutoOutlets(list):  # type: ignore[type-arg]
     """The outlet :meth:`LoyaltyMembershipAddOperator.partial` filled in for its ``mews_conn_id``;
     replaced by the right one when a mapped task's own ``mews_conn_id`` differs."""

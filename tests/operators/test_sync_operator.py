@@ -186,7 +186,9 @@ def test_an_upsert_batch_whose_memberships_all_exist_costs_one_getall(
     assert (summary["added"], summary["updated"], summary["unchanged"]) == (0, 300, 2_700)
     reads = mews_sandbox.request_log("loyaltyMemberships/getAll")
     assert [e["filters"]["AccountIds"] for e in reads] == [999, 999, 999, 3]  # one per batch
-    assert len(mews_sandbox.request_log(UPDATE)) == 3 and mews_sandbox.request_log(ADD) == []  # 300 changed: batches 1-3
+    assert (
+        len(mews_sandbox.request_log(UPDATE)) == 3 and mews_sandbox.request_log(ADD) == []
+    )  # 300 changed: batches 1-3
 
 
 def mirror_source(sandbox: MewsSandbox, db: Path, keep: int, total: int = 10_000) -> list[dict[str, Any]]:

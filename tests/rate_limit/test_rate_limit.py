@@ -418,6 +418,31 @@ def test_every_backend_front_loads_as_the_pure_functions_say(backend: Any, reque
     assert first < slots[20]  # the forgotten slots no longer push the queue back
 
 
+def test_every_backend_learns_and_drops_back_as_the_pure_functions_say(
+    backend: Any, request: pytest.FixtureRequest
+):
+    """Limit 100 per 4 s (windows of 10 per 0.44 s): 14 windows booked at once learn the margin
+    (0.408 s apart at the end), slot for slot as :func:`gcra.reserve` replays them; a 429 then
+    (a failed probe) drops back to windows 0.44 s apart and does not cut; a second 429 cuts."""
+    key = f"learn-test-{request.node.name}-{time.time()}"
+    params = Params(limit=100, period_s=4.0)
+    booked = [backend.reserve(key, params, None) for _ in range(140)]
+    replay = State()
+    for slot, now in booked:
+        assert gcra.reserve(replay, params, now, None) == pytest.approx(slot, abs=1e-9)
+    gaps = window_gaps([slot for slot, _ in booked], 10)
+    assert gaps[:11] == pytest.approx([0.44] * 11, abs=0.02)  # + the few ms the bookings took
+    assert gaps[-1] == pytest.approx(0.4 * (1 + gcra.LEARNED_MARGIN), abs=0.02)
+    assert sum(gaps[-2:]) < 0.86
+    assert backend.on_429(key, params, 0.0, booked[-1][0]) is True  # the probe failed: no cut
+    again = [slot for slot, _ in (backend.reserve(key, params, None) for _ in range(30))]
+    assert window_gaps(again, 10) == pytest.approx([0.44, 0.44], abs=0.02)  # windows of a tenth
+    assert backend.on_429(key, params, 0.0, again[-1]) is True  # a 429 at 10 %: the cut
+    first, _ = backend.reserve(key, params, None)
+    second, _ = backend.reserve(key, params, None)
+    assert second - first == pytest.approx(params.interval_s / (1 - gcra.STEP), abs=1e-6)
+
+
 def _seed(backend: Any, key: str, state: State) -> None:
     """Write a learned state straight into a backend's storage (as an earlier run left it)."""
     if isinstance(backend, MemoryBackend):
@@ -553,10 +578,15 @@ def test_the_redis_script_mirrors_the_pure_functions_float_for_float(
             factor=rng.choice([1.0, 1.0, 0.9, gcra.FACTOR_MIN]),
             cut=rng.choice([0.0, t - rng.uniform(0.0, 2 * gcra.FRONT_RETRY_PERIODS * params.period_s)]),
             peak=rng.choice([0.0, 0.0, 1.0, 0.95]),
-            log=sorted(t + rng.uniform(-params.period_s / 5, params.period_s / 5) for _ in range(rng.randint(0, 3 * front))),
+            log=sorted(
+                t + rng.uniform(-params.period_s / 5, params.period_s / 5)
+                for _ in range(rng.randint(0, 3 * front))
+            ),
             clean=rng.choice([0.0, float(rng.randint(0, 13 * front)), 12.0 * front]),
         )
-        fields = {name: repr(getattr(state, name)) for name in ("tat", "hold", "factor", "cut", "peak", "clean")}
+        fields = {
+            name: repr(getattr(state, name)) for name in ("tat", "hold", "factor", "cut", "peak", "clean")
+        }
         backend.client.hset(KEY_PREFIX + key, mapping={**fields, "log": " ".join(map(repr, state.log))})
         booked: list[float] = []
         for _ in range(rng.randint(1, 40)):
@@ -703,6 +733,24 @@ def test_processes_on_one_token_share_front_loaded_windows(
     assert slots[-1] - slots[0] == pytest.approx(5 * params.front_window_s, abs=0.3)
 
 
+@pytest.mark.parametrize("where", ["sqlite", "redis"])
+def test_processes_on_one_token_learn_one_margin(where: str, tmp_path: Path, request: pytest.FixtureRequest):
+    """4 processes x 35 requests, limit 100 per 4 s: the windows they share learn together (the
+    evidence is every process's): 11 windows 0.44 s apart, then narrower, the last 0.408 s."""
+    env = {**os.environ, "MEWS_RATE_LIMIT_DIR": str(tmp_path / "state"), "PYTHONPATH": str(ROOT)}
+    redis_conn_id = ""
+    if where == "redis":
+        env["AIRFLOW_CONN_RATE_REDIS"] = redis_conn_env(request.getfixturevalue("redis_server"))
+        redis_conn_id = "rate_redis"
+    slots = sorted(s for slots in run_workers(4, 35, 100, 4.0, env, redis_conn_id) for s in slots)
+    assert len(slots) == 140
+    gaps = window_gaps(slots, 10)
+    assert gaps[:11] == pytest.approx([0.44] * 11, abs=0.02)
+    assert gaps[-1] == pytest.approx(0.4 * (1 + gcra.LEARNED_MARGIN), abs=0.02)
+    assert max_in_window(slots, 0.4 * (1 + gcra.LEARNED_MARGIN) - 1e-3) <= 10
+    assert max_in_window(slots, 4.0) <= 100
+
+
 def test_processes_through_a_real_sandbox_meet_no_429(tmp_path: Path):
     """3 worker processes call Mews (the sandbox, limiting to 6 per 0.8 s) through the hook with a
     connection saying 6 per 1 s: no 429 (each alone would send 6 per second, 18 together).
@@ -759,10 +807,15 @@ def test_processes_through_a_real_sandbox_meet_no_429(tmp_path: Path):
 
 @contextlib.contextmanager
 def lagging_mews(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, limit: int, period_s: float, lag_ms: float
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    limit: int,
+    period_s: float,
+    lag_ms: float,
+    connection_period_s: float = 10,
 ) -> Iterator[tuple[MewsSandbox, MewsConnectorHook]]:
     """A sandbox enforcing ``limit`` per ``period_s``, counting each request 0-``lag_ms`` late, and a
-    hook whose connection says 100 per 10 s (Mews's rate scaled: its own window is longer)."""
+    hook whose connection says 100 per ``connection_period_s`` (Mews's rate scaled)."""
     monkeypatch.setenv("MEWS_RATE_LIMIT_DIR", str(tmp_path / "state"))
     with MewsSandbox() as sandbox:
         sandbox.configure(
@@ -770,7 +823,7 @@ def lagging_mews(
         )
         monkeypatch.setenv(
             "AIRFLOW_CONN_MEWS_LAG",
-            connection_json(sandbox.url, rate_limit_requests=100, rate_limit_period=10),
+            connection_json(sandbox.url, rate_limit_requests=100, rate_limit_period=connection_period_s),
         )
         yield sandbox, MewsConnectorHook("mews_lag", max_retry_after_s=2.0)
 
@@ -834,6 +887,76 @@ def test_the_hook_learns_a_window_shorter_than_a_tenth_and_a_lagging_count(
     assert hook.stats.rate_limited == total_429
     assert hook.stats.limiter_wait_s > 0
     assert len(sandbox.counted_times(DEMO_ACCESS_TOKEN)) == 90
+
+
+def _calls(hook: MewsConnectorHook, count: int, threads: int) -> None:
+    calls = iter(range(count))
+
+    def work() -> None:
+        for _ in calls:
+            hook.call(CONFIG)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+
+
+def _stored_state(hook: MewsConnectorHook) -> State:
+    backend = hook.limiter.backend
+    assert isinstance(backend, SqliteBackend)
+    return backend._transact(hook.limiter.key, lambda state, now: state)  # type: ignore[return-value]
+
+
+def test_the_hook_learns_the_margin_a_server_with_the_connections_window_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Sandbox and connection both 100 per 5 s, the sandbox counting 0-30 ms late: after a period
+    of windows (10 per 0.55 s) the margin narrows to LEARNED_MARGIN (windows 0.51 s apart), and
+    140 requests meet no 429; the learned state is the token's, for the next run."""
+    with lagging_mews(monkeypatch, tmp_path, 100, 5.0, 30, connection_period_s=5) as (sandbox, hook):
+        _calls(hook, 140, 10)
+        counted = sorted(sandbox.counted_times(DEMO_ACCESS_TOKEN))
+        assert sandbox.stats().get("429", 0) == 0
+    assert len(counted) == 140 and hook.limiter.cuts == 0
+    state = _stored_state(hook)
+    assert gcra.front_margin(state, hook.limiter.params) == pytest.approx(gcra.LEARNED_MARGIN)
+    # The last windows left closer than the first (0.51 s against 0.55 s, counted 0-30 ms late).
+    assert counted[-1] - counted[-31] < counted[30] - counted[0] - 0.04
+
+
+def test_the_hook_probing_a_server_window_of_a_tenth_drops_back_after_at_most_3_429s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The sandbox allows 10 per 0.5 s counting 0-50 ms late (issue 10's server, scaled); the
+    connection says 100 per 5 s. Windows of a tenth (10 per 0.55 s) hold; once they learn, the
+    narrower margin meets its 429s: at most 3, then windows of a tenth again (no cut to the even
+    pace, the rate whole) and no further 429 in the run."""
+    with lagging_mews(monkeypatch, tmp_path, 10, 0.5, 50, connection_period_s=5) as (sandbox, hook):
+        seen: list[int] = []
+        lock = threading.Lock()
+        calls = iter(range(220))
+
+        def work() -> None:
+            for _ in calls:
+                hook.call(CONFIG)
+                with lock:
+                    seen.append(sandbox.stats().get("429", 0))
+
+        threads = [threading.Thread(target=work) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        total_429 = sandbox.stats().get("429", 0)
+    first = next((n for n, count in enumerate(seen) if count), None)
+    assert 1 <= total_429 <= 3, f"{total_429} x 429"
+    assert first is not None and first >= 90, first  # not before a period of windows (100 requests)
+    assert seen[min(len(seen) - 1, first + 30)] == total_429  # none after the probe's window
+    state = _stored_state(hook)
+    assert state.factor == 1.0 and state.clean == 0 and gcra.front_margin(state, hook.limiter.params) == 0.1
+    assert hook.limiter.cuts == 1 and hook.stats.rate_limited == total_429
 
 
 # -- Redis unreachable --
