@@ -51,6 +51,7 @@ later, begin at the learned pace while it lasts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 #: Additive decrease of the rate factor per congestion epoch.
@@ -93,18 +94,18 @@ FRONT_MARGIN = 0.10
 #: one per run at 0.81 of the ceiling, against none at 0.90 with this margin).
 PACE_MARGIN = 0.02
 #: Learning the server (issue 21). While a token's windows meet no 429, each window sent is
-#: evidence that the server holds them: after ``LEARN_AFTER_WINDOWS`` windows (a whole period) at
-#: ``FRONT_MARGIN``, the margin shrinks linearly, request by request, to ``LEARNED_MARGIN`` over
-#: ``LEARN_WINDOWS`` windows (from 33 s to 40 s at 200 per 30 s). The margin covers a count
-#: lagging up to ``FRONT_MARGIN`` of a tenth of the period (0.3 s at 30 s): against a server
-#: window of a tenth it needs all 10 %, against Mews's own 30 s window a tenth of that, 1 %, plus
-#: the threads' lateness: 2 %, the even pace's own margin. Windows 3.06 s apart keep any 30.6 s
-#: at 200. A 429 while the margin is below ``FRONT_MARGIN`` ends the probe: windows of a tenth
-#: again (``FRONT_MARGIN``, no cut), and no learning for ``FRONT_RETRY_PERIODS``. Why a whole
-#: period first: a server with a shorter window (issue 10's 20 per 3 s) meets the probe only in
-#: a run longer than that, where its price (1-4 429s and a window's wait) is a small share.
-LEARN_AFTER_WINDOWS = 10
-LEARN_WINDOWS = 2
+#: evidence that the server holds them. After ``LEARN_AFTER_WINDOWS`` windows as today, each
+#: further window may hold one request more than the last (a probe), up to ``front_extra_max``
+#: more (a tenth more: 22 per 3.3 s at 200 per 30 s, the full rate). The margin then moves to
+#: the period: besides the windows, at most ``limit`` requests in any ``period`` plus
+#: ``LEARNED_MARGIN`` (200 per 30.6 s), which covers the same count lag (0.3 s at 30 s) over Mews's
+#: own window, and the threads' lateness: it is the even pace's margin. A server enforcing 200 per
+#: 30 s holds both (0.98 of its rate); one with a window of a tenth (issue 10's 20 per 3 s)
+#: refuses the probe's one extra request: that 429 ends the probe (windows as today, no cut, no
+#: learning for ``FRONT_RETRY_PERIODS``). One 429, not a wave: a probe adds a request to a window,
+#: it does not move the window's requests closer to the last's (which a count lagging by up to
+#: 0.3 s refuses several at once).
+LEARN_AFTER_WINDOWS = 6
 LEARNED_MARGIN = 0.02
 
 
@@ -134,14 +135,19 @@ class Params:
         return per_window if FRONT_MIN_REQUESTS <= per_window <= FRONT_MAX_REQUESTS else 0
 
     @property
-    def front_base_s(self) -> float:
-        """The time ``front_limit`` requests take at the configured rate (a window, before its margin)."""
-        return self.period_s * self.front_limit / self.limit
+    def front_window_s(self) -> float:
+        """The front-loaded window: ``front_limit`` requests at the configured rate, plus ``FRONT_MARGIN``."""
+        return self.period_s * self.front_limit / self.limit * (1 + FRONT_MARGIN)
 
     @property
-    def front_window_s(self) -> float:
-        """The front-loaded window before any learning: ``front_base_s`` plus ``FRONT_MARGIN``."""
-        return self.front_base_s * (1 + FRONT_MARGIN)
+    def front_extra_max(self) -> int:
+        """Requests a learned window may hold beyond ``front_limit``: those its margin left free."""
+        return max(1, math.floor(self.front_limit * FRONT_MARGIN + 0.5)) if self.front_limit else 0
+
+    @property
+    def learned_period_s(self) -> float:
+        """Once windows learn: at most ``limit`` requests in any such span."""
+        return self.period_s * (1 + LEARNED_MARGIN)
 
     @property
     def interval_s(self) -> float:
@@ -181,12 +187,17 @@ def learning_allowed(state: State, params: Params, now: float) -> bool:
     return state.cut == 0 or now - state.cut >= FRONT_RETRY_PERIODS * params.period_s
 
 
-def front_margin(state: State, params: Params) -> float:
-    """The windows' margin: ``FRONT_MARGIN``, shrinking to ``LEARNED_MARGIN`` as windows meet no 429."""
-    learned = state.clean / params.front_limit - LEARN_AFTER_WINDOWS if params.front_limit else 0.0
-    if learned <= 0:
-        return FRONT_MARGIN
-    return max(LEARNED_MARGIN, FRONT_MARGIN - (FRONT_MARGIN - LEARNED_MARGIN) * learned / LEARN_WINDOWS)
+def front_extra(state: State, params: Params) -> int:
+    """Requests a window may hold beyond ``front_limit``: one more per window sent with no 429."""
+    if not params.front_limit:
+        return 0
+    windows = math.floor(state.clean / params.front_limit)
+    return min(params.front_extra_max, max(0, windows - LEARN_AFTER_WINDOWS + 1))
+
+
+def probing(state: State, params: Params) -> bool:
+    """Whether a window was sent wider than today's: a 429 now ends a probe, it does not cut."""
+    return params.front_limit > 0 and state.clean > params.front_limit * LEARN_AFTER_WINDOWS
 
 
 def reserve(state: State, params: Params, now: float, max_wait_s: float | None) -> float | None:
@@ -202,8 +213,11 @@ def reserve(state: State, params: Params, now: float, max_wait_s: float | None) 
     front = params.front_limit if factor >= 1.0 and front_allowed(state, params, now) else 0
     if front:
         slot = max(start, log[-1]) if log else start
-        if len(log) >= front:
-            slot = max(slot, log[-front] + params.front_base_s * (1 + front_margin(state, params)))
+        per_window = front + front_extra(state, params)
+        if len(log) >= per_window:
+            slot = max(slot, log[-per_window] + params.front_window_s)
+        if len(log) >= params.limit:
+            slot = max(slot, log[-params.limit] + params.learned_period_s)
         tat = slot
     else:
         interval = params.interval_s / factor
@@ -214,13 +228,13 @@ def reserve(state: State, params: Params, now: float, max_wait_s: float | None) 
         return None
     state.tat = tat
     if front and learning_allowed(state, params, now):
-        state.clean = min(state.clean + 1.0, float(front * (LEARN_AFTER_WINDOWS + LEARN_WINDOWS)))
+        state.clean = min(state.clean + 1.0, float(front * (LEARN_AFTER_WINDOWS + params.front_extra_max)))
     if params.front_limit:  # kept at every pace: front-loading resumes from what was sent
         log = [*log, slot] if not log or slot >= log[-1] else sorted([*log, slot])
-        # The last front_limit slots, and every slot a booking from now on may meet in its window:
-        # when a 429 forgets the slots ahead, the past ones are still known.
-        keep = len(log) - params.front_limit
-        while keep > 0 and log[keep - 1] >= now - params.front_window_s:
+        # The last ``limit`` slots, and every slot a booking from now on may meet in a window or
+        # the period: when a 429 forgets the slots ahead, the past ones are still known.
+        keep = len(log) - params.limit
+        while keep > 0 and log[keep - 1] >= now - params.learned_period_s:
             keep -= 1
         state.log = log[max(0, keep) :]
     elif state.log:
@@ -238,10 +252,10 @@ def on_429(state: State, params: Params, now: float, retry_after_s: float, slot:
     if slot is not None and slot < state.cut:
         return False  # sent before the last cut: already learned from
     state.log = [t for t in state.log if t <= now]
-    if front_margin(state, params) < FRONT_MARGIN:
+    if probing(state, params):
         # A probe failed: today's windows again, and no learning for FRONT_RETRY_PERIODS. The
         # rate is whole (windows run only then), so the peak's cap had faded above it: forgotten,
-        # lest it bar the windows; the slots booked at the narrower margin are booked again.
+        # lest it bar the windows; the slots booked in the wider windows are booked again.
         state.clean = 0.0
         state.peak = 0.0
         state.cut = now

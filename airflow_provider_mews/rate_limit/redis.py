@@ -17,7 +17,6 @@ from airflow_provider_mews.rate_limit.gcra import (
     FRONT_MARGIN,
     FRONT_RETRY_PERIODS,
     LEARN_AFTER_WINDOWS,
-    LEARN_WINDOWS,
     LEARNED_MARGIN,
     PEAK_DECAY,
     PEAK_MARGIN,
@@ -34,11 +33,11 @@ TTL_S = 24 * 3600
 SOCKET_TIMEOUT_S = 2.0
 
 # KEYS[1] = state hash. ARGV: op ("reserve" | "429" | "hold" | "stale"), limit-interval (s), burst,
-# period (s), front limit, front base (s: a window before its margin), then for reserve: max wait (s, or -1 for none); for
-# 429: retry-after (s), slot (or -1); for stale: the time the slot was booked (Redis clock).
+# period (s), front limit, front window (s), limit, then for reserve: max wait (s, or -1 for none);
+# for 429: retry-after (s), slot (or -1); for stale: the time the slot was booked (Redis clock).
 # reserve and 429 return two strings: the slot (or '') / whether it cut ('1' or '0'), and now.
 # Mirrors gcra.reserve / gcra.on_429 / gcra.must_rebook / gcra.factor_at / gcra.front_allowed /
-# gcra.learning_allowed / gcra.front_margin, expression by expression (the same floats);
+# gcra.learning_allowed / gcra.front_extra / gcra.probing, expression by expression (the same floats);
 # the log of the last slots is a space-separated string, as in the SQLite file.
 _LUA = """
 local t = redis.call('TIME')
@@ -49,7 +48,11 @@ local interval0 = tonumber(ARGV[2])
 local burst0 = tonumber(ARGV[3])
 local period = tonumber(ARGV[4])
 local front_limit = tonumber(ARGV[5])
-local front_base = tonumber(ARGV[6])
+local front_window = tonumber(ARGV[6])
+local limit = tonumber(ARGV[7])
+local learned_period = period * (1 + __LEARNED_MARGIN__)
+local extra_max = 0
+if front_limit > 0 then extra_max = math.max(1, math.floor(front_limit * __FRONT_MARGIN__ + 0.5)) end
 local s = redis.call('HMGET', key, 'tat', 'hold', 'factor', 'cut', 'peak', 'log', 'clean')
 local tat = tonumber(s[1]) or 0
 local hold = tonumber(s[2]) or 0
@@ -60,11 +63,10 @@ local clean = tonumber(s[7]) or 0
 local log = {}
 for w in string.gmatch(s[6] or '', '%S+') do log[#log + 1] = tonumber(w) end
 local function fmt(x) return string.format('%.17g', x) end
-local function margin()
-  if front_limit <= 0 then return __FRONT_MARGIN__ end
-  local learned = clean / front_limit - __LEARN_AFTER__
-  if learned <= 0 then return __FRONT_MARGIN__ end
-  return math.max(__LEARNED_MARGIN__, __FRONT_MARGIN__ - (__FRONT_MARGIN__ - __LEARNED_MARGIN__) * learned / __LEARN_WINDOWS__)
+local function extra()
+  if front_limit <= 0 then return 0 end
+  local windows = math.floor(clean / front_limit)
+  return math.min(extra_max, math.max(0, windows - __LEARN_AFTER__ + 1))
 end
 local function keep_log(keep)
   local kept = {}
@@ -75,7 +77,7 @@ if op == 'hold' then
   return fmt(math.max(0, hold - now))
 end
 if op == 'stale' then
-  if now < hold or cut > tonumber(ARGV[7]) then return 1 end
+  if now < hold or cut > tonumber(ARGV[8]) then return 1 end
   return 0
 end
 local periods = math.max(0, now - cut) / period
@@ -84,7 +86,7 @@ if peak > 0 then f = math.min(f, __PEAK_MARGIN__ * peak + __PEAK_DECAY__ * perio
 f = math.min(1, math.max(factor, f))
 local result
 if op == 'reserve' then
-  local max_wait = tonumber(ARGV[7])
+  local max_wait = tonumber(ARGV[8])
   local start = math.max(now, hold)
   if #log > 0 and log[#log] > start + period * 10 then log = {} end
   local q = math.max(tat, start)
@@ -95,7 +97,9 @@ if op == 'reserve' then
     front = front_limit
     slot = start
     if #log > 0 then slot = math.max(slot, log[#log]) end
-    if #log >= front then slot = math.max(slot, log[#log - front + 1] + front_base * (1 + margin())) end
+    local per_window = front + extra()
+    if #log >= per_window then slot = math.max(slot, log[#log - per_window + 1] + front_window) end
+    if #log >= limit then slot = math.max(slot, log[#log - limit + 1] + learned_period) end
     q = slot
   else
     local interval = interval0 / f
@@ -109,14 +113,14 @@ if op == 'reserve' then
   end
   tat = q
   if front > 0 and (cut == 0 or now - cut >= __FRONT_RETRY__ * period) then
-    clean = math.min(clean + 1, front * (__LEARN_AFTER__ + __LEARN_WINDOWS__))
+    clean = math.min(clean + 1, front * (__LEARN_AFTER__ + extra_max))
   end
   if front_limit > 0 then
     local i = #log + 1
     while i > 1 and log[i - 1] > slot do i = i - 1 end
     table.insert(log, i, slot)
-    local keep = #log - front_limit
-    local oldest = now - front_base * (1 + __FRONT_MARGIN__)
+    local keep = #log - limit
+    local oldest = now - learned_period
     while keep > 0 and log[keep] >= oldest do keep = keep - 1 end
     if keep > 0 then
       local kept = {}
@@ -128,15 +132,15 @@ if op == 'reserve' then
   end
   result = {fmt(slot), fmt(now)}
 else
-  local retry_after = tonumber(ARGV[7])
-  local slot = tonumber(ARGV[8])
+  local retry_after = tonumber(ARGV[8])
+  local slot = tonumber(ARGV[9])
   hold = math.max(hold, now + retry_after)
   tat = math.max(tat, hold)
   keep_log(function(t) return t <= now or t >= hold end)
   result = {'0', fmt(now)}
   if slot < 0 or slot >= cut then
     keep_log(function(t) return t <= now end)
-    if margin() < __FRONT_MARGIN__ then
+    if front_limit > 0 and clean > front_limit * __LEARN_AFTER__ then
       clean = 0
       peak = 0
       cut = now
@@ -173,15 +177,14 @@ _CONSTANTS = {
     "__FRONT_MARGIN__": repr(FRONT_MARGIN),
     "__LEARNED_MARGIN__": repr(LEARNED_MARGIN),
     "__LEARN_AFTER__": repr(LEARN_AFTER_WINDOWS),
-    "__LEARN_WINDOWS__": repr(LEARN_WINDOWS),
 }
 LUA = _LUA
 for _name, _value in _CONSTANTS.items():
     LUA = LUA.replace(_name, _value)
 
 
-#: ARGV[2..6] for the operations that read no limit ("hold", "stale"): the op's own arguments stay at 7.
-_NO_PARAMS = ("0", "1", "1", "0", "0")
+#: ARGV[2..7] for the operations that read no limit ("hold", "stale"): the op's own arguments stay at 8.
+_NO_PARAMS = ("0", "1", "1", "0", "0", "1")
 
 
 class RedisBackend:
@@ -214,7 +217,8 @@ class RedisBackend:
             params.effective_burst,
             repr(params.period_s),
             params.front_limit,
-            repr(params.front_base_s),
+            repr(params.front_window_s),
+            params.limit,
         ]
 
     def reserve(self, key: str, params: Params, max_wait_s: float | None) -> tuple[float, float] | None:
