@@ -1,7 +1,7 @@
 """The rate limiter in a simulated clock: issue 10's adversarial server without the machine's load.
 
 ``python -m benchmarks.limiter_sim`` replays the operator's request pattern (``max_active_requests``
-workers, 16 by default, each add answered after 1.0 s, a getAll after 0.05 s before each add with
+workers, 20 by default as the operator's, each add answered after 1.0 s, a getAll after 0.05 s before each add with
 ``if_exists="skip"``) against a model of the sandbox (20 requests per 3 s sliding window, each
 request counted 0-300 ms after it arrives, Retry-After = whole seconds until the oldest
 counted request leaves the window, as the sandbox answers). The limiter under test is the real
@@ -66,6 +66,17 @@ class LearningGcra:
         gcra.on_429(self.state, self.params, now, retry_after_s, slot)
 
 
+class WindowsOnly(LearningGcra):
+    """The provider's limiter with its learning off: windows of a tenth throughout (issue 10's)."""
+
+    def reserve(self, now: float) -> float:
+        learn, gcra.LEARN_AFTER_WINDOWS = gcra.LEARN_AFTER_WINDOWS, 10**9
+        try:
+            return super().reserve(now)
+        finally:
+            gcra.LEARN_AFTER_WINDOWS = learn
+
+
 class SlidingLog:
     """At most ``limit`` slots in any ``window_s``, a hold after each 429. Told the server's limit
     and a window widened by the count delay, it is a reference that front-loads each window; with
@@ -94,7 +105,7 @@ def simulate(
     *,
     skip: bool,
     batches: int = 100,
-    workers: int = 16,
+    workers: int = 20,
     add_latency_s: float = 1.0,
     getall_latency_s: float = 0.05,
     limit: int = 20,
@@ -169,7 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     seeds = range(args.seeds)
     strategies: dict[str, Callable[[], Scheduler]] = {
         "before issue 10: sliding window 200 per 30.05 s": lambda: SlidingLog(200, 30.05),
-        "provider limiter (windows of a tenth; connection 200/30)": lambda: LearningGcra(Params(200, 30.0)),
+        "provider limiter (windows of a tenth that learn; connection 200/30)": lambda: LearningGcra(
+            Params(200, 30.0)
+        ),
+        "its windows of a tenth without learning (issue 10's release)": lambda: WindowsOnly(Params(200, 30.0)),
         "its even pace alone (front_windows=0, the previous release)": lambda: LearningGcra(
             Params(200, 30.0, front_windows=0)
         ),
@@ -180,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     lines = [
         "Simulated (`python -m benchmarks.limiter_sim`): server 20 requests / 3 s counting 0-300 ms late, "
-        f"16 workers, add 1.0 s, getAll 0.05 s, 100 batches of 1000 rows; median (worst) of {args.seeds} seeds.",
+        f"20 workers, add 1.0 s, getAll 0.05 s, 100 batches of 1000 rows; median (worst) of {args.seeds} seeds.",
         "",
         '| scheduler | `"add"` fraction of ceiling | 429s | `"skip"` fraction of ceiling | 429s |',
         "|---|---|---|---|---|",
@@ -192,8 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Other servers (connection 200/30, 16 workers; 8 workers where named): the windows of a tenth "
-        'against the even pace alone, `"add"` and `"skip"`; median (worst) of '
+        "Other servers (connection 200/30, 20 workers; 8 workers where named): the learning windows, "
+        'the windows of a tenth without learning and the even pace alone, `"add"` and `"skip"`; median (worst) of '
         f"{args.seeds} seeds.",
         "",
         '| server | limiter | `"add"` fraction of ceiling | 429s | `"skip"` fraction of ceiling | 429s |',
@@ -205,17 +219,26 @@ def main(argv: list[str] | None = None) -> None:
         "20 / 3 s, count 0-300 ms late, threads 30 ms late": {"late_s": 0.03},
         "10 / 1.5 s (shorter than a tenth), 0-300 ms late": {"limit": 10, "window_s": 1.5},
         "40 / 6 s, 0-300 ms late": {"limit": 40, "window_s": 6.0},
+        "200 / 30 s (Mews's), 0-300 ms late, 400 batches": {
+            "limit": 200, "window_s": 30.0, "batches": 400
+        },
         "200 / 30 s (Mews's), 0-50 ms late, 1000 batches": {
             "limit": 200, "window_s": 30.0, "count_delay_s": 0.05, "batches": 1000
         },
+        "20 / 3 s, 0-300 ms late, 1000 batches (a long run probes once)": {"batches": 1000},
     }  # fmt: skip
     for server, kwargs in servers.items():
-        for name, front_windows in (("windows of a tenth", gcra.FRONT_WINDOWS), ("even pace alone", 0)):
+        limiters: dict[str, Callable[[], Scheduler]] = {
+            "learning windows": lambda: LearningGcra(Params(200, 30.0)),
+            "windows of a tenth": lambda: WindowsOnly(Params(200, 30.0)),
+            "even pace alone": lambda: LearningGcra(Params(200, 30.0, front_windows=0)),
+        }
+        for name, make_limiter in limiters.items():
             cells = []
             for skip in (False, True):
                 runs = [
                     simulate(
-                        LearningGcra(Params(200, 30.0, front_windows=front_windows)),
+                        make_limiter(),
                         skip=skip,
                         seed=seed,
                         **kwargs,

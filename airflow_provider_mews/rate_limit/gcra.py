@@ -6,7 +6,8 @@ numbers and the last few slots) and applies these two transitions atomically:
 
 ``reserve``
     While the rate is whole (no cut yet, or none for ``FRONT_RETRY_PERIODS``): windows of a
-    tenth. At most ``limit // 10`` requests in any ``limit // 10`` intervals of the rate plus
+    tenth, which learn (``LEARN_AFTER_WINDOWS``, :func:`front_extra`: one more request per window
+    within ``limit`` per period plus ``LEARNED_MARGIN``) while they meet no 429. At most ``limit // 10`` requests in any ``limit // 10`` intervals of the rate plus
     ``FRONT_MARGIN`` (20 per 3.3 s at Mews's 200 per 30 s), each window's requests leaving at
     once. Any server window from a tenth of the period up holds them at the same average
     rate, and the margin covers a count that lags by up to a tenth of that window. Why not
@@ -29,7 +30,9 @@ numbers and the last few slots) and applies these two transitions atomically:
     last ``front_limit`` slots are kept at either pace, so windows resume from what was sent.
 ``on_429``
     Learn from the server: always hold every caller until ``Retry-After`` has passed (slots
-    booked beyond now are forgotten), then resume at the pace, one by one. The first 429 of a
+    booked before its end are forgotten), then resume at the pace, one by one. A 429 while the
+    windows are wider than a tenth (:func:`probing`) ends the probe: windows of a tenth again,
+    no cut, no learning for ``FRONT_RETRY_PERIODS``. Otherwise, the first 429 of a
     congestion epoch (a request that was given its slot after the last cut) lowers ``factor``
     additively by ``STEP``, drops the burst to 1 and restarts the GCRA queue at the hold's end:
     every slot booked before the cut is stale (:func:`must_rebook`), so the 32-64 threads
