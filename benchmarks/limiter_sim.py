@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         "provider limiter (windows of a tenth that learn; connection 200/30)": lambda: LearningGcra(
             Params(200, 30.0)
         ),
-        "its windows of a tenth without learning (issue 10's release)": lambda: WindowsOnly(Params(200, 30.0)),
+        "its windows of a tenth without learning (issue 10's release)": lambda: WindowsOnly(
+            Params(200, 30.0)
+        ),
         "its even pace alone (front_windows=0, the previous release)": lambda: LearningGcra(
             Params(200, 30.0, front_windows=0)
         ),

@@ -1,13 +1,14 @@
 """The learning GCRA, as pure functions on a small state record (no clock, no I/O, no locks).
 
 Every backend (process memory, the per-user SQLite file, Redis through a Lua script that
-mirrors these functions line by line) stores the same :class:`State` per AccessToken (five
-numbers and the last few slots) and applies these two transitions atomically:
+mirrors these functions line by line) stores the same :class:`State` per AccessToken (six
+numbers and the slots of the last period) and applies these two transitions atomically:
 
 ``reserve``
     While the rate is whole (no cut yet, or none for ``FRONT_RETRY_PERIODS``): windows of a
-    tenth, which learn (``LEARN_AFTER_WINDOWS``, :func:`front_extra`: one more request per window
-    within ``limit`` per period plus ``LEARNED_MARGIN``) while they meet no 429. At most ``limit // 10`` requests in any ``limit // 10`` intervals of the rate plus
+    tenth, which learn while they meet no 429 (``LEARN_AFTER_WINDOWS``, :func:`front_extra`: one
+    more request per window, within ``limit`` per period plus ``LEARNED_MARGIN``). At most
+    ``limit // 10`` requests in any ``limit // 10`` intervals of the rate plus
     ``FRONT_MARGIN`` (20 per 3.3 s at Mews's 200 per 30 s), each window's requests leaving at
     once. Any server window from a tenth of the period up holds them at the same average
     rate, and the margin covers a count that lags by up to a tenth of that window. Why not
@@ -27,7 +28,8 @@ numbers and the last few slots) and applies these two transitions atomically:
 
     Either way a caller is given a slot (a time, possibly in the future) and the slot is booked
     at once, so waiting threads leave in order instead of all polling the same instant. The
-    last ``front_limit`` slots are kept at either pace, so windows resume from what was sent.
+    slots of the last period (at least ``limit``) are kept at either pace, so windows resume
+    from what was sent.
 ``on_429``
     Learn from the server: always hold every caller until ``Retry-After`` has passed (slots
     booked before its end are forgotten), then resume at the pace, one by one. A 429 while the
