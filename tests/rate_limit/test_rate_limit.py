@@ -734,20 +734,20 @@ def test_processes_on_one_token_share_front_loaded_windows(
 
 @pytest.mark.parametrize("where", ["sqlite", "redis"])
 def test_processes_on_one_token_learn_together(where: str, tmp_path: Path, request: pytest.FixtureRequest):
-    """4 processes x 35 requests, limit 100 per 4 s: the windows they share learn together (the
-    evidence is every process's): 10 per window for the first 60, then 11, never more, and at
-    most 100 in any 4.08 s."""
+    """4 processes x 35 requests, limit 100 per 5 s (not the limit of the other tests: Redis keeps
+    their state): the windows they share learn together (the evidence is every process's): 10 per
+    window (0.55 s) for the first 60, then 11, never more, and at most 100 in any 5.1 s."""
     env = {**os.environ, "MEWS_RATE_LIMIT_DIR": str(tmp_path / "state"), "PYTHONPATH": str(ROOT)}
     redis_conn_id = ""
     if where == "redis":
         env["AIRFLOW_CONN_RATE_REDIS"] = redis_conn_env(request.getfixturevalue("redis_server"))
         redis_conn_id = "rate_redis"
-    slots = sorted(s for slots in run_workers(4, 35, 100, 4.0, env, redis_conn_id) for s in slots)
+    slots = sorted(s for slots in run_workers(4, 35, 100, 5.0, env, redis_conn_id) for s in slots)
     assert len(slots) == 140
-    window = Params(100, 4.0).front_window_s - 0.05
+    window = Params(100, 5.0).front_window_s - 0.05
     assert max_in_window(slots[:50], window) == 10  # (sorted: the probe may join the 6th window early)
     assert max_in_window(slots, window) == 11
-    assert max_in_window(slots, 4.08 - 0.05) <= 100
+    assert max_in_window(slots, 5.1 - 0.05) <= 100
 
 
 def test_processes_through_a_real_sandbox_meet_no_429(tmp_path: Path):
