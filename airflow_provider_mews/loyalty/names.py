@@ -237,9 +237,19 @@ def clean_code(value: Any) -> str | None:
 class Directory(Protocol):
     """What the resolver reads (the hook): getAll pages, one request each."""
 
-    def get_customers(self, **filters: Any) -> Iterable[list[dict[str, Any]]]: ...
-    def get_loyalty_programs(self, **filters: Any) -> Iterable[list[dict[str, Any]]]: ...
-    def get_loyalty_tiers(self, **filters: Any) -> Iterable[list[dict[str, Any]]]: ...
+    def get_customers(
+        self,
+        *,
+        emails: Iterable[str] | None = None,
+        loyalty_codes: Iterable[str] | None = None,
+        chain_ids: Iterable[str] | None = None,
+    ) -> Iterable[list[dict[str, Any]]]: ...
+    def get_loyalty_programs(
+        self, *, codes: Iterable[str] | None = None, chain_ids: Iterable[str] | None = None
+    ) -> Iterable[list[dict[str, Any]]]: ...
+    def get_loyalty_tiers(
+        self, *, loyalty_program_ids: Iterable[str], chain_ids: Iterable[str] | None = None
+    ) -> Iterable[list[dict[str, Any]]]: ...
 
 
 _CLEAN = {
@@ -276,8 +286,8 @@ class NameResolver:
         if not self.remember:
             self._guests.clear()
         at = self.plan.name_at
-        self._ask_guests("AccountEmail", "emails", self._values(out, "AccountEmail"))
-        self._ask_guests("AccountLoyaltyCode", "loyalty_codes", self._values(out, "AccountLoyaltyCode"))
+        self._ask_guests("AccountEmail", self._values(out, "AccountEmail"))
+        self._ask_guests("AccountLoyaltyCode", self._values(out, "AccountLoyaltyCode"))
         self._ask_programs(self._values(out, "LoyaltyProgramCode"))
         for i, row in enumerate(out):
             cells = list(row)
@@ -356,7 +366,7 @@ class NameResolver:
     def _chains(self) -> list[str] | None:
         return [self.chain_id] if self.chain_id else None
 
-    def _ask_guests(self, name_field: str, filter_name: str, values: list[str]) -> None:
+    def _ask_guests(self, name_field: str, values: list[str]) -> None:
         """One customers/getAll per 1000 names not asked yet (more only for further pages)."""
         missing = [v for v in values if (name_field, v) not in self._guests]
         record = "Email" if name_field == "AccountEmail" else "LoyaltyCode"
@@ -365,9 +375,11 @@ class NameResolver:
             part = missing[start : start + MAX_FILTER]
             for v in part:
                 self._guests[(name_field, v)] = []
-            for customer in self._pages(
-                self.directory.get_customers(**{filter_name: part}, chain_ids=self._chains)
-            ):
+            if name_field == "AccountEmail":
+                pages = self.directory.get_customers(emails=part, chain_ids=self._chains)
+            else:
+                pages = self.directory.get_customers(loyalty_codes=part, chain_ids=self._chains)
+            for customer in self._pages(pages):
                 ids = self._guests.get((name_field, clean(customer.get(record)) or ""))
                 cid = str(customer["Id"]).lower()
                 if ids is not None and cid not in ids:
@@ -427,6 +439,10 @@ class ResolvedSource:
     @property
     def total(self) -> int | None:
         return self.source.total  # type: ignore[no-any-return]
+
+    @total.setter
+    def total(self, value: int | None) -> None:
+        self.source.total = value
 
     @property
     def lookups(self) -> int:
