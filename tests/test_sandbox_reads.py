@@ -71,7 +71,7 @@ def read_all(
     """Every record of a read, following the cursor until a page is shorter than ``count``."""
     records: list[dict[str, Any]] = []
     cursor = None
-    while True:
+    for _ in range(1000):  # a cursor that does not move on fails the test instead of hanging it
         page = ok(post(sandbox, operation, {**filters, "Limitation": {"Count": count, "Cursor": cursor}}))
         items = page[LIST_KEY[operation]]
         records += items
@@ -79,6 +79,7 @@ def read_all(
             return records
         assert page["Cursor"] == items[-1]["Id"]  # the cursor is the Id of the last item
         cursor = page["Cursor"]
+    raise AssertionError(f"{operation}: still paging after 1000 pages")
 
 
 def interval(start: datetime, end: datetime) -> dict[str, str]:
