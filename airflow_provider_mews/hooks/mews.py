@@ -659,6 +659,96 @@ class MewsConnectorHook(BaseHook):
         ):
             yield from page
 
+    def get_customers(
+        self,
+        *,
+        emails: Iterable[str] | None = None,
+        loyalty_codes: Iterable[str] | None = None,
+        customer_ids: Iterable[str] | None = None,
+        chain_ids: Iterable[str] | None = None,
+        activity_states: Iterable[str] | None = ("Active",),
+        page_size: int = 1000,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield pages of ``customers/getAll`` (one request each, so a caller can count its
+        look-ups). Mews refuses a request with no filter, so one of ``emails``,
+        ``loyalty_codes`` or ``customer_ids`` is required; only the customers are asked for
+        (``Extent``), not their addresses or documents."""
+        payload: dict[str, Any] = self._list_filters(
+            operation="customers/getAll",
+            Emails=emails,
+            LoyaltyCodes=loyalty_codes,
+            CustomerIds=customer_ids,
+        )
+        if not payload:
+            raise MewsConfigurationError("customers/getAll needs emails, loyalty_codes or customer_ids")
+        payload.update(self._list_filters(operation="customers/getAll", ChainIds=chain_ids))
+        payload["Extent"] = {"Customers": True, "Documents": False, "Addresses": False}
+        if activity_states is not None:
+            payload["ActivityStates"] = list(activity_states)
+        # An Id names one customer at most: once as many came back, no page can follow.
+        most = len(payload["CustomerIds"]) if "CustomerIds" in payload else None
+        yield from self.paginate(
+            "customers/getAll", payload, result_key="Customers", page_size=page_size, most=most
+        )
+
+    def get_loyalty_programs(
+        self,
+        *,
+        codes: Iterable[str] | None = None,
+        loyalty_program_ids: Iterable[str] | None = None,
+        chain_ids: Iterable[str] | None = None,
+        activity_states: Iterable[str] | None = ("Active",),
+        page_size: int = 1000,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield pages of ``loyaltyPrograms/getAll`` (one request each); no filter lists them all."""
+        payload = self._list_filters(
+            operation="loyaltyPrograms/getAll",
+            Codes=codes,
+            LoyaltyProgramIds=loyalty_program_ids,
+            ChainIds=chain_ids,
+        )
+        if activity_states is not None:
+            payload["ActivityStates"] = list(activity_states)
+        yield from self.paginate(
+            "loyaltyPrograms/getAll", payload, result_key="LoyaltyPrograms", page_size=page_size
+        )
+
+    def get_loyalty_tiers(
+        self,
+        *,
+        loyalty_program_ids: Iterable[str],
+        chain_ids: Iterable[str] | None = None,
+        activity_states: Iterable[str] | None = ("Active",),
+        page_size: int = 1000,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield pages of ``loyaltyTiers/getAll`` of the programmes (required by Mews), one
+        request each."""
+        payload = self._list_filters(
+            operation="loyaltyTiers/getAll", LoyaltyProgramIds=loyalty_program_ids, ChainIds=chain_ids
+        )
+        if "LoyaltyProgramIds" not in payload:
+            raise MewsConfigurationError("loyaltyTiers/getAll needs loyalty_program_ids")
+        if activity_states is not None:
+            payload["ActivityStates"] = list(activity_states)
+        yield from self.paginate(
+            "loyaltyTiers/getAll", payload, result_key="LoyaltyTiers", page_size=page_size
+        )
+
+    @staticmethod
+    def _list_filters(*, operation: str, **filters: Iterable[str] | None) -> dict[str, list[str]]:
+        """The given list filters, each deduplicated and within Mews's 1..1000 items."""
+        payload: dict[str, list[str]] = {}
+        for key, values in filters.items():
+            if values is None:
+                continue
+            items = list(dict.fromkeys(values))
+            if not 1 <= len(items) <= MAX_FILTER_ITEMS:
+                raise MewsConfigurationError(
+                    f"{operation} filter {key} takes 1 to {MAX_FILTER_ITEMS} items, got {len(items)}"
+                )
+            payload[key] = items
+        return payload
+
     def paginate(
         self,
         operation: str,

@@ -217,11 +217,17 @@ class MembershipRun:
         self.settle_next(block=False)
         if self.tally.due(self.settings.progress_interval_s):
             stats = self.hook.stats
+            self.tally.lookups = self.lookups()
             self.log.info(
                 self.tally.progress_line(
                     self.source.total, stats.rate_limited, stats.rate_limit_wait_s, stats.limiter_wait_s
                 )
             )
+
+    def lookups(self) -> int | None:
+        """Requests that looked names up so far (a source of rows named by e-mail or code:
+        :class:`~airflow_provider_mews.loyalty.names.ResolvedSource`); None when rows carry Ids."""
+        return getattr(self.source, "lookups", None)
 
     def count_earlier(self, counts: Sequence[int]) -> None:
         """Counts of batches an earlier try finished (as :meth:`settle` checkpointed them)."""
@@ -279,6 +285,7 @@ class MembershipRun:
             total = None  # rows were deleted while the run read: the count proves nothing
         tally.rows_total = total
         tally.not_reached = None if total is None else total - tally.done
+        tally.lookups = self.lookups()
         stats = self.hook.stats
         self.summary = tally.summary(
             requests=stats.requests,

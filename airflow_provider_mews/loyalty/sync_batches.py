@@ -78,9 +78,8 @@ def build_sync_batch(
         try:
             r = normalize_sync_row(plan, values, row_no)
         except RowRejected as exc:
-            account = (
-                None if account_pos is None or values[account_pos] is None else str(values[account_pos])[:64]
-            )
+            cell = None if account_pos is None else values[account_pos]
+            account = None if cell is None or isinstance(cell, RowRejected) else str(cell)[:64]
             where = f"row {row_no}" + (f" (AccountId {account})" if account else "")
             row_json = json.dumps(dict(zip(plan.columns.names, values, strict=False)), default=str)[:4000]
             rejected.append(

@@ -200,7 +200,8 @@ class SyncRun(MembershipRun):
             self.stop.set()
 
     def count_earlier(self, counts: Sequence[int]) -> None:
-        added, updated, unchanged, rejected = counts
+        # An earlier try killed before any batch finished left the checkpoint's default (0, 0, 0).
+        added, updated, unchanged, rejected = (*counts, 0, 0, 0, 0)[:4]
         self.tally.added += added
         self.tally.updated += updated
         self.tally.unchanged += unchanged

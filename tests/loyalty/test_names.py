@@ -1,0 +1,274 @@
+"""Names instead of Ids (issue 18): column planning, the decision, and the look-ups' cost, no I/O.
+
+The directory here is an in-memory Mews answering getAll pages the way the contract says
+(filters, pages of ``page_size``, a full page followed by one more read); the code under test
+is all of :mod:`airflow_provider_mews.loyalty.names` and the normalizer it feeds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from airflow_provider_mews.loyalty.batches import build_batch
+from airflow_provider_mews.loyalty.names import (
+    Named,
+    NameResolver,
+    ResolvedSource,
+    clean_email,
+    decide,
+    plan_names,
+)
+from airflow_provider_mews.loyalty.normalize import RowRejected, plan_columns
+from airflow_provider_mews.runs.sources import ListSource
+
+A1, A2, A3 = (f"00000000-0000-4000-8000-00000000000{n}" for n in (1, 2, 3))
+GOLD_CLUB, SILVER_CLUB = "10000000-0000-4000-8000-000000000001", "10000000-0000-4000-8000-000000000002"
+T_GOLD, T_BASE = "20000000-0000-4000-8000-000000000001", "20000000-0000-4000-8000-000000000002"
+
+
+class Directory:
+    """Mews's three reads over a few records; ``calls`` logs (operation, filters) per page."""
+
+    def __init__(self, customers: list[dict[str, Any]], page_size: int = 1000) -> None:
+        self.customers = customers
+        self.programs = [{"Id": GOLD_CLUB, "Code": "GOLDCLUB"}, {"Id": SILVER_CLUB, "Code": "SILVER"}]
+        self.tiers = [
+            {"Id": T_GOLD, "LoyaltyProgramId": GOLD_CLUB, "Code": "GOLD"},
+            {"Id": T_BASE, "LoyaltyProgramId": GOLD_CLUB, "Code": "BASE"},
+        ]
+        self.page_size = page_size
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def _pages(self, operation: str, records: list[dict[str, Any]], filters: dict[str, Any]) -> Any:
+        size = self.page_size
+        for start in range(0, len(records) + 1, size):
+            self.calls.append((operation, filters))
+            page = records[start : start + size]
+            yield page
+            if len(page) < size:
+                return
+
+    def get_customers(self, *, emails: Any = None, loyalty_codes: Any = None, chain_ids: Any = None) -> Any:
+        assert (emails is None) != (loyalty_codes is None) and len(emails or loyalty_codes) <= 1000
+        wanted = {e.lower() for e in emails or ()}
+        found = [
+            c
+            for c in self.customers
+            if (c.get("Email") or "").lower() in wanted or (c.get("LoyaltyCode") in (loyalty_codes or ()))
+        ]
+        return self._pages(
+            "customers", found, {"emails": emails, "codes": loyalty_codes, "chains": chain_ids}
+        )
+
+    def get_loyalty_programs(self, *, codes: Any = None, chain_ids: Any = None) -> Any:
+        found = [p for p in self.programs if codes is None or p["Code"] in codes]
+        return self._pages("programs", found, {"codes": codes, "chains": chain_ids})
+
+    def get_loyalty_tiers(self, *, loyalty_program_ids: Any, chain_ids: Any = None) -> Any:
+        found = [t for t in self.tiers if t["LoyaltyProgramId"] in loyalty_program_ids]
+        return self._pages("tiers", found, {"programs": loyalty_program_ids})
+
+    def count(self, operation: str) -> int:
+        return sum(1 for op, _ in self.calls if op == operation)
+
+
+def guests() -> list[dict[str, Any]]:
+    return [
+        {"Id": A1, "Email": "Ann@Example.com", "LoyaltyCode": "LC1"},
+        {"Id": A2, "Email": "dup@example.com", "LoyaltyCode": "LC2"},
+        {"Id": A3, "Email": "DUP@example.com", "LoyaltyCode": "LC3"},
+    ]
+
+
+CRM = ("member_id", "email", "programme_code", "tier_code", "is_primary")
+CRM_MAP = {"email": "AccountEmail", "programme_code": "LoyaltyProgramCode", "tier_code": "LoyaltyTierCode"}
+
+
+# -- columns --
+
+
+def test_name_columns_are_matched_like_every_column_and_the_ids_appended() -> None:
+    plan = plan_names(["Account_Email", "loyalty_program_code", "LOYALTYTIERCODE", "IsPrimary"])
+    assert plan.name_at == {"AccountEmail": 0, "LoyaltyProgramCode": 1, "LoyaltyTierCode": 2}
+    assert plan.names[4:] == ("AccountId", "LoyaltyProgramId", "LoyaltyTierId")
+    assert plan.id_at == {"AccountId": 4, "LoyaltyProgramId": 5, "LoyaltyTierId": 6}
+    columns = plan.restore(plan_columns(plan.masked, plan.field_map))
+    assert columns.ignored == () and columns.names == plan.names
+    assert {f for _, f, _ in columns.columns} == {
+        "AccountId", "LoyaltyProgramId", "LoyaltyTierId", "IsPrimary",
+    }  # fmt: skip
+
+
+def test_field_map_names_columns_and_an_id_column_of_the_source_is_the_one_filled() -> None:
+    plan = plan_names(
+        ["guest", "mail", "Code"],
+        {"mail": "account_email", "Code": "AccountLoyaltyCode", "guest": "AccountId"},
+    )
+    assert plan.name_at == {"AccountEmail": 1, "AccountLoyaltyCode": 2}
+    assert plan.id_at == {"AccountId": 0} and plan.names == ("guest", "mail", "Code")
+    assert plan.field_map == {"guest": "AccountId"}
+    # "Code" is a Mews field by name: mapped to a name, it must not also feed Code.
+    columns = plan.restore(plan_columns([*plan.masked, "LoyaltyProgramId", "IsPrimary"], plan.field_map))
+    assert "Code" not in {f for _, f, _ in columns.columns}
+
+
+def test_a_source_without_names_plans_as_before() -> None:
+    plan = plan_names(["AccountId", "email", "LoyaltyProgramId"])
+    assert not plan.used and plan.masked == plan.names == ("AccountId", "email", "LoyaltyProgramId")
+
+
+@pytest.mark.parametrize(
+    ("columns", "field_map", "message"),
+    [
+        (
+            ["email"],
+            {"e_mail": "AccountEmail"},
+            "field_map names column 'e_mail', which the source does not have",
+        ),
+        (["AccountEmail", "mail"], {"mail": "AccountEmail"}, "both map to AccountEmail"),
+    ],
+)
+def test_bad_name_configuration_is_one_clear_error(
+    columns: list[str], field_map: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan_names(columns, field_map)
+
+
+# -- the decision --
+
+
+def test_decide_one_match_gives_the_id_and_no_name_keeps_the_given_id() -> None:
+    assert decide("AccountId", None, [Named("AccountEmail", "a@x", (A1,))]) == A1
+    assert decide("AccountId", A2, []) == A2
+    assert decide("AccountId", None, []) is None
+
+
+def test_decide_rejects_unknown_ambiguous_and_disagreeing_names() -> None:
+    unknown = decide("AccountId", None, [Named("AccountEmail", "no@x", ())])
+    assert isinstance(unknown, RowRejected) and unknown.field == "AccountEmail"
+    assert "no Mews customer with e-mail 'no@x'" in str(unknown)
+    several = decide("AccountId", None, [Named("AccountEmail", "dup@x", (A3, A2))])
+    assert isinstance(several, RowRejected)
+    assert f"2 Mews customers have e-mail 'dup@x': {A2}, {A3}; nothing is guessed: merge" in str(several)
+    clash = decide("AccountId", A1, [Named("AccountEmail", "b@x", (A2,))])
+    assert isinstance(
+        clash, RowRejected
+    ) and f"AccountId {A1} disagrees with AccountEmail 'b@x', which is {A2}" in str(clash)
+    names = decide(
+        "AccountId", None, [Named("AccountEmail", "a@x", (A1,)), Named("AccountLoyaltyCode", "LC2", (A2,))]
+    )
+    assert isinstance(names, RowRejected) and "but AccountLoyaltyCode 'LC2' is" in str(names)
+    code = decide("LoyaltyProgramId", None, [Named("LoyaltyProgramCode", "GOLD", (), ("GOLDCLUB", "SILVER"))])
+    assert isinstance(code, RowRejected) and "(codes in Mews: GOLDCLUB, SILVER)" in str(code)
+
+
+def test_an_id_or_a_second_name_picks_one_of_duplicate_profiles() -> None:
+    dup = Named("AccountEmail", "dup@x", (A2, A3))
+    assert decide("AccountId", A3, [dup]) == A3
+    assert decide("AccountId", None, [dup, Named("AccountLoyaltyCode", "LC2", (A2,))]) == A2
+
+
+def test_emails_are_compared_trimmed_and_case_insensitively() -> None:
+    assert clean_email("  Ann@Example.COM ") == "ann@example.com"
+    assert clean_email("   ") is None and clean_email(None) is None
+
+
+# -- the resolver --
+
+
+def resolver(directory: Directory, columns: tuple[str, ...] = CRM, **kwargs: Any) -> NameResolver:
+    return NameResolver(directory, plan_names(columns, CRM_MAP), **kwargs)
+
+
+def test_rows_get_their_three_ids_or_the_reason_in_the_id_cell() -> None:
+    d = Directory(guests())
+    r = resolver(d, chain_id="c0000000-0000-4000-8000-000000000000")
+    rows = r.resolve(
+        [
+            (1, "  ann@EXAMPLE.com ", "GOLDCLUB", "GOLD", True),
+            (2, "dup@example.com", "GOLDCLUB", "BASE", True),
+            (3, "nobody@example.com", "GOLDCLUB", None, True),
+            (4, "ann@example.com", "BRONZE", "GOLD", True),
+            (5, "ann@example.com", "GOLDCLUB", "PLATINUM", True),
+            (6, "ann@example.com", "SILVER", None, True),
+        ]
+    )
+    assert rows[0][5:] == (A1, GOLD_CLUB, T_GOLD)
+    assert isinstance(rows[1][5], RowRejected) and f"{A2}, {A3}" in str(rows[1][5])
+    assert "no Mews customer with e-mail 'nobody@example.com'" in str(rows[2][5])
+    assert "no Mews loyalty programme with code 'BRONZE' (codes in Mews: GOLDCLUB, SILVER)" in str(rows[3][6])
+    assert rows[3][7] is None  # the programme is unknown: no tier is looked up
+    assert (
+        f"no tier with code 'PLATINUM' in loyalty programme {GOLD_CLUB} (codes in Mews: BASE, GOLD)"
+        in str(rows[4][7])
+    )
+    assert rows[5][5:] == (A1, SILVER_CLUB, None)
+    # one look-up of the e-mails, one of the codes, all programmes once (to name them), tiers of GOLDCLUB once
+    assert [op for op, _ in d.calls] == ["customers", "programs", "tiers", "programs"]
+    assert d.calls[0][1]["emails"] == ["ann@example.com", "dup@example.com", "nobody@example.com"]
+    assert d.calls[0][1]["chains"] == ["c0000000-0000-4000-8000-000000000000"]
+    assert r.lookups == len(d.calls)
+
+
+def test_a_normalized_batch_rejects_the_unresolved_rows_with_their_reason() -> None:
+    d = Directory(guests())
+    plan = plan_names(CRM, CRM_MAP)
+    columns = plan.restore(plan_columns(plan.masked, plan.field_map))
+    rows = NameResolver(d, plan).resolve(
+        [(1, "Ann@example.com", "GOLDCLUB", "GOLD", 1), (2, "x@y", "GOLDCLUB", "", 1)]
+    )
+    batch = build_batch(0, 1, columns, rows, keep_row_json=True)
+    assert batch.items == [
+        {"AccountId": A1, "LoyaltyProgramId": GOLD_CLUB, "LoyaltyTierId": T_GOLD, "IsPrimary": True}
+    ]
+    (rejected,) = batch.rejected
+    assert rejected.source_row == 2 and rejected.field == "AccountEmail" and rejected.account_id is None
+    assert rejected.reason.startswith("row 2: AccountEmail: no Mews customer with e-mail 'x@y'")
+    assert '"email": "x@y"' in (rejected.row_json or "")
+
+
+def test_a_row_whose_id_and_name_disagree_is_rejected_and_an_agreeing_one_kept() -> None:
+    d = Directory(guests())
+    columns = ("AccountId", "AccountEmail", "LoyaltyProgramId", "IsPrimary")
+    r = NameResolver(d, plan_names(columns))
+    rows = r.resolve([(A1.upper(), "ann@example.com", GOLD_CLUB, 1), (A1, "dup@example.com", GOLD_CLUB, 1), (A3, "dup@example.com", GOLD_CLUB, 1), (A2, None, GOLD_CLUB, 1)])  # fmt: skip
+    assert [row[0] for row in rows[:1]] == [A1]
+    assert isinstance(rows[1][0], RowRejected) and "disagrees with AccountEmail 'dup@example.com'" in str(
+        rows[1][0]
+    )
+    assert rows[2][0] == A3 and rows[3][0] == A2
+    assert len(rows[0]) == 4  # no column appended: the source's AccountId is the one filled
+
+
+def test_look_ups_cost_one_request_per_1000_names_plus_their_pages() -> None:
+    people = [{"Id": f"00000000-0000-4000-8000-{n:012d}", "Email": f"g{n}@x.com"} for n in range(2500)]
+    d = Directory(people)
+    source = ListSource(
+        [{"email": f" G{n}@X.com", "programme_code": "GOLDCLUB", "is_primary": 1} for n in range(2500)], 250
+    )
+    plan = plan_names(source.columns, {"email": "AccountEmail", "programme_code": "LoyaltyProgramCode"})
+    resolved = ResolvedSource(source, NameResolver(d, plan))
+    chunks = list(resolved.chunks())
+    assert [len(c) for c in chunks] == [250] * 10
+    assert all(
+        row[3] == f"00000000-0000-4000-8000-{n:012d}" for n, row in enumerate(r for c in chunks for r in c)
+    )
+    # three groups of 1000 rows (four chunks each): 1000, 1000 and 500 e-mails; the full pages need one more read
+    assert d.count("customers") == 2 + 2 + 1 and d.count("programs") == 1
+    assert resolved.lookups == 6 and resolved.columns == (*source.columns, "AccountId", "LoyaltyProgramId")
+
+
+def test_guests_are_asked_again_per_group_unless_remembered_programmes_and_tiers_once_per_run() -> None:
+    rows = [(1, "ann@example.com", "GOLDCLUB", "GOLD", 1)]
+    d = Directory(guests())
+    forgetful = resolver(d)
+    forgetful.resolve(rows)
+    forgetful.resolve(rows)
+    assert (d.count("customers"), d.count("programs"), d.count("tiers")) == (2, 1, 1)
+    d = Directory(guests())
+    remembering = resolver(d, remember=True)
+    assert remembering.resolve(rows) == remembering.resolve(rows)
+    assert (d.count("customers"), d.count("programs"), d.count("tiers")) == (1, 1, 1)
