@@ -1,5 +1,12 @@
 """A local stand-in for the Mews Connector API, faithful to ``loyaltyMemberships/add``, ``update``,
-``delete`` and ``getAll``.
+``delete`` and ``getAll``, and to the look-up reads ``customers/getAll``, ``loyaltyPrograms/getAll``
+and ``loyaltyTiers/getAll`` (data seeded with ``add_customers``, ``add_loyalty_program``,
+``seed_memberships`` or the ``--seed-*`` flags).
+
+Reads: cursor = Id of the last record; pages follow insertion order (oldest stored first), so
+records added while a client pages come at the end. Time filters are UTC, at most 3 calendar
+months, and by default inclusive at both ends (see ``SandboxConfig.interval_end_inclusive``).
+Without ``ActivityStates`` only active records are returned.
 
 It is a real HTTP server on loopback: the demo, the tests and the benchmarks run against
 it, and users run it (``mews-sandbox``, port 8780) to try their DAGs offline. It checks
