@@ -3,7 +3,7 @@
 What a retried try relies on: a batch an earlier try wrote is replaced, never duplicated; a
 try that starts on a task instance with no rows inserts without deleting; and the delete and
 the check are index lookups (created with new tables and added to tables of older versions),
-so tables holding many runs stay fast. PostgreSQL: ``tests/test_postgres.py``.
+so tables holding many runs stay fast. PostgreSQL: ``tests/operators/test_postgres.py``.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from conftest import ROOT, needs, task_result
 from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN, MewsSandbox, connection_json
 from airflow_provider_mews.testing.sample_data import write_sqlite
 
-OPENAPI = Path(__file__).parent / "data" / "mews-connector-openapi.yaml"
+OPENAPI = Path(__file__).parents[1] / "data" / "mews-connector-openapi.yaml"
 OPERATIONS = (
     "loyaltyMemberships/add",
     "loyaltyMemberships/getAll",
