@@ -44,7 +44,10 @@ def read_ids(hook, **kwargs):
 
 def test_slices_are_consecutive_and_at_most_three_calendar_months():
     slices = time_slices("2025-01-31T00:00:00Z", "2026-01-01T00:00:00Z")
-    assert slices[0] == (datetime(2025, 1, 31, tzinfo=timezone.utc), datetime(2025, 4, 30, tzinfo=timezone.utc))
+    assert slices[0] == (
+        datetime(2025, 1, 31, tzinfo=timezone.utc),
+        datetime(2025, 4, 30, tzinfo=timezone.utc),
+    )
     assert all(a[1] == b[0] for a, b in itertools.pairwise(slices))
     assert slices[-1] == (datetime(2025, 10, 30, tzinfo=timezone.utc), YEAR_END) and len(slices) == 4
     assert time_slices(YEAR_START, YEAR_START) == [(YEAR_START, YEAR_START)]
@@ -54,7 +57,11 @@ def test_slices_are_consecutive_and_at_most_three_calendar_months():
 
 def test_the_sandbox_refuses_a_year_in_one_interval(hook):
     with pytest.raises(MewsError, match="3 months"):
-        next(hook.paginate(OP, {"UpdatedUtc": {"StartUtc": "2025-01-01T00:00:00Z", "EndUtc": "2026-01-01T00:00:00Z"}}))
+        next(
+            hook.paginate(
+                OP, {"UpdatedUtc": {"StartUtc": "2025-01-01T00:00:00Z", "EndUtc": "2026-01-01T00:00:00Z"}}
+            )
+        )
 
 
 @pytest.mark.parametrize("inclusive", [True, False], ids=["ends-inclusive", "half-open"])
