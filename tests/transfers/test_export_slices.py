@@ -77,7 +77,7 @@ def test_a_year_on_boundaries_is_read_once_each(hook, mews_sandbox, inclusive, w
     got = read_ids(hook, max_workers=workers, page_size=100)
     # A half-open server leaves out the records stamped at the range's very end (the next range has them).
     expected = {i for i in ids if inclusive or mews_sandbox.state.updated_at[i] < YEAR_END.timestamp()}
-    assert stamped[YEAR_END.timestamp()] > 0 and len(expected) < len(ids) or inclusive
+    assert (stamped[YEAR_END.timestamp()] > 0 and len(expected) < len(ids)) or inclusive
     assert set(got) == expected
     assert max(got.values()) == 1, [i for i, n in got.items() if n > 1][:5]
 
