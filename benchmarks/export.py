@@ -119,7 +119,9 @@ def one_run(count: int) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export.json"))
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         return export(*args.export)
     runs = []
     for size in args.sizes:
-        for n in range(args.repeats):
+        for _ in range(args.repeats):
             result = one_run(size)
             print(json.dumps(result), flush=True)
             runs.append(result)
