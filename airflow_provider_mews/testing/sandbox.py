@@ -1,5 +1,12 @@
 """A local stand-in for the Mews Connector API, faithful to ``loyaltyMemberships/add``, ``update``,
-``delete`` and ``getAll``.
+``delete`` and ``getAll``, and to the look-up reads ``customers/getAll``, ``loyaltyPrograms/getAll``
+and ``loyaltyTiers/getAll`` (data seeded with ``add_customers``, ``add_loyalty_program``,
+``seed_memberships`` or the ``--seed-*`` flags).
+
+Reads: cursor = Id of the last record; pages follow insertion order (oldest stored first), so
+records added while a client pages come at the end. Time filters are UTC, at most 3 calendar
+months, and by default inclusive at both ends (see ``SandboxConfig.interval_end_inclusive``).
+Without ``ActivityStates`` only active records are returned.
 
 It is a real HTTP server on loopback: the demo, the tests and the benchmarks run against
 it, and users run it (``mews-sandbox``, port 8780) to try their DAGs offline. It checks
@@ -1643,6 +1650,68 @@ def _fault_rate(value: str) -> tuple[str, float]:
     return name, number
 
 
+def _count(value: str) -> int:
+    """A non-negative count for the --seed-* flags."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number is required, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"a count cannot be negative, got {number}")
+    return number
+
+
+def _program_spec(value: str) -> tuple[str, list[str]]:
+    """``CODE`` or ``CODE:TIER,TIER,...`` for --seed-program: codes of 1 to 50 characters."""
+    code, _, tiers = value.partition(":")
+    tier_codes = [t for t in tiers.split(",")] if tiers else []
+    for what, text in [("programme", code), *(("tier", t) for t in tier_codes)]:
+        if not 1 <= len(text) <= 50:
+            raise argparse.ArgumentTypeError(
+                f"{what} code {text!r} in {value!r}: 1 to 50 characters are required (CODE:TIER,TIER)"
+            )
+    if len(set(tier_codes)) != len(tier_codes):
+        raise argparse.ArgumentTypeError(f"{value!r} names a tier twice")
+    return code, tier_codes
+
+
+def _period(value: str) -> tuple[float, float]:
+    """``START/END`` (ISO 8601 dates or UTC date-times) for --seed-period."""
+    start, sep, end = value.partition("/")
+    try:
+        low, high = _utc_seconds(start), _utc_seconds(end)
+    except ValueError:
+        low, high = 0.0, -1.0
+    if not sep or high <= low:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: START/END with START before END is required, e.g. 2025-01-01/2026-01-01"
+        )
+    return low, high
+
+
+def seed(sandbox: MewsSandbox, args: argparse.Namespace) -> dict[str, Any]:
+    """What the --seed-* flags ask for, in order: programmes, customers, memberships (of the
+    first programme, owned by the seeded customers). Returns a summary with the Ids."""
+    summary: dict[str, Any] = {}
+    start, end = args.seed_period or (time.time() - 365 * 86400, time.time())
+    programs = [sandbox.add_loyalty_program(code, tiers=tiers) for code, tiers in args.seed_program]
+    if programs:
+        summary["LoyaltyPrograms"] = [{"Id": p.id, "Code": p.code, "Tiers": p.tiers} for p in programs]
+    if args.seed_customers:
+        ids = sandbox.add_customers(
+            args.seed_customers,
+            shared_emails=args.shared_emails,
+            mixed_case=args.mixed_case_emails,
+            start_utc=start,
+            end_utc=end,
+        )
+        summary["Customers"] = len(ids)
+    if args.seed_memberships:
+        ids = sandbox.seed_memberships(args.seed_memberships, start_utc=start, end_utc=end)
+        summary["LoyaltyMemberships"] = len(ids)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="mews-sandbox", description="Local stand-in for the Mews Connector API (loyalty memberships)."
@@ -1678,9 +1747,72 @@ def main(argv: list[str] | None = None) -> None:
         help="accept this ClientToken:AccessToken pair (the Mews demo pair is always accepted)",
     )
     parser.add_argument("--state-file", help="persist memberships here (JSON lines) across restarts")
+    seeding = parser.add_argument_group("seeding (look-up data and memberships to read back; not persisted)")
+    seeding.add_argument("--seed-customers", type=_count, default=0, metavar="N", help="N guest profiles")
+    seeding.add_argument(
+        "--shared-emails",
+        type=_count,
+        default=0,
+        metavar="K",
+        help="the last K guests reuse the e-mails of the first K (duplicate profiles); K <= N/2",
+    )
+    seeding.add_argument(
+        "--mixed-case-emails", action="store_true", help="store every other e-mail with capitals"
+    )
+    seeding.add_argument(
+        "--seed-program",
+        type=_program_spec,
+        action="append",
+        default=[],
+        metavar="CODE[:TIER,...]",
+        help="a loyalty programme and its tier codes, e.g. GOLDCLUB:SILVER,GOLD (repeatable)",
+    )
+    seeding.add_argument(
+        "--seed-memberships", type=_count, default=0, metavar="N", help="N memberships of the first programme"
+    )
+    seeding.add_argument(
+        "--seed-period",
+        type=_period,
+        metavar="START/END",
+        help="created times of seeded customers and memberships, spread evenly (default: the last 365 days)",
+    )
+    adversarial = parser.add_argument_group("read behaviour")
+    adversarial.add_argument(
+        "--email-case-sensitive", action="store_true", help="customers/getAll Emails match case-sensitively"
+    )
+    adversarial.add_argument(
+        "--half-open-intervals",
+        action="store_true",
+        help="time filters StartUtc <= t < EndUtc (Mews's documented form; default: both ends inclusive)",
+    )
+    adversarial.add_argument(
+        "--seed-on-boundaries", action="store_true", help="seeded times on UTC midnights (slice boundaries)"
+    )
+    adversarial.add_argument(
+        "--getall-jitter",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="up to S seconds more per read, at random",
+    )
+    adversarial.add_argument(
+        "--no-reference-checks",
+        action="store_true",
+        help="add/update accept any AccountId/LoyaltyProgramId/LoyaltyTierId even when seeded",
+    )
     parser.add_argument("--seed", type=int)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.shared_emails > args.seed_customers // 2:
+        parser.error(
+            f"--shared-emails {args.shared_emails} needs --seed-customers of at least {2 * args.shared_emails}"
+        )
+    if args.mixed_case_emails and not args.seed_customers:
+        parser.error("--mixed-case-emails needs --seed-customers")
+    if args.seed_period and not (args.seed_customers or args.seed_memberships):
+        parser.error("--seed-period needs --seed-customers or --seed-memberships")
+    if min(args.getall_jitter, args.getall_latency) < 0:
+        parser.error("--getall-latency and --getall-jitter cannot be negative")
     config = SandboxConfig(
         add_latency_s=args.latency,
         getall_latency_s=args.getall_latency,
@@ -1690,12 +1822,20 @@ def main(argv: list[str] | None = None) -> None:
         fault_rates=dict(args.fault),
         forbidden_accounts={a.lower() for a in args.forbid_account},
         seed=args.seed,
+        getall_jitter_s=args.getall_jitter,
+        email_case_sensitive=args.email_case_sensitive,
+        interval_end_inclusive=not args.half_open_intervals,
+        seed_on_boundaries=args.seed_on_boundaries,
+        check_references=not args.no_reference_checks,
     )
     for pair in args.token:
         client_token, _, access_token = pair.partition(":")
         config.tokens.setdefault(client_token, set()).add(access_token)
     sandbox = MewsSandbox(args.host, args.port, config, state_file=args.state_file, quiet=not args.verbose)
+    seeded = seed(sandbox, args)
     print(f"Mews sandbox listening on {sandbox.url}", flush=True)
+    if seeded:
+        print(f"Seeded: {json.dumps(seeded)}", flush=True)
     try:
         sandbox.serve_forever()
     except KeyboardInterrupt:
