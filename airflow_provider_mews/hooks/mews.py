@@ -8,13 +8,16 @@ requests themselves.
 
 from __future__ import annotations
 
+import calendar
+import contextlib
 import json
+import queue
 import random
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
@@ -72,6 +75,7 @@ __all__ = [
     "MewsSettings",
     "parse_retry_after",
     "settings_from_connection",
+    "time_slices",
     "validate_uuid",
 ]
 
@@ -107,6 +111,80 @@ def _result_list(answer: Any, key: str | None, operation: str) -> list[dict[str,
     if not isinstance(page, list):
         raise MewsResponseError(f"getAll answer has no {key} list", operation=operation)
     return page
+
+
+#: The longest time filter (``CreatedUtc``, ``UpdatedUtc``, ``DeletedUtc``) a getAll accepts.
+MAX_INTERVAL_MONTHS = 3
+
+
+def _plus_months(moment: datetime, months: int) -> datetime:
+    """``moment`` shifted by calendar months, the day clamped to the month's last (Nov 30 + 3 = Feb 28)."""
+    index = moment.month - 1 + months
+    year, month = moment.year + index // 12, index % 12 + 1
+    return moment.replace(year=year, month=month, day=min(moment.day, calendar.monthrange(year, month)[1]))
+
+
+def _utc_datetime(value: datetime | str, name: str) -> datetime:
+    """An aware UTC datetime from a datetime (naive = UTC) or an ISO 8601 string (a rendered template)."""
+    if isinstance(value, str):
+        import pendulum
+
+        try:
+            value = pendulum.parse(value)  # type: ignore[assignment]
+        except Exception:
+            raise MewsConfigurationError(f"{name}: {value!r} is not an ISO 8601 date-time") from None
+    if not isinstance(value, datetime):
+        raise MewsConfigurationError(f"{name}: a datetime or an ISO 8601 string is required, got {value!r}")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    value = value.astimezone(timezone.utc)
+    return datetime(*value.timetuple()[:6], value.microsecond, tzinfo=timezone.utc)  # plain, not pendulum
+
+
+def time_slices(
+    start: datetime | str, end: datetime | str, months: int = MAX_INTERVAL_MONTHS
+) -> list[tuple[datetime, datetime]]:
+    """``start``..``end`` as consecutive slices of at most ``months`` calendar months each.
+
+    Each slice starts where the previous one ended (the boundary instant belongs to both: see
+    :meth:`MewsConnectorHook.paginate_range` for how records stamped on it are read once).
+    ``start == end`` gives the one zero-length slice."""
+    if months < 1:
+        raise MewsConfigurationError(f"months must be at least 1, got {months}")
+    low, high = _utc_datetime(start, "start"), _utc_datetime(end, "end")
+    if high < low:
+        raise MewsConfigurationError(
+            f"the time range ends ({high.isoformat()}) before it starts ({low.isoformat()})"
+        )
+    slices: list[tuple[datetime, datetime]] = []
+    cursor = low
+    while cursor < high:
+        upper = min(_plus_months(cursor, months), high)
+        slices.append((cursor, upper))
+        cursor = upper
+    return slices or [(low, high)]
+
+
+def _interval_body(start: datetime, end: datetime) -> dict[str, str]:
+    """A Connector API time interval; microseconds kept (a boundary must be the exact instant)."""
+
+    def iso(moment: datetime) -> str:
+        text = moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+        return (text[:-7] if text.endswith(".000000") else text) + "Z"
+
+    return {"StartUtc": iso(start), "EndUtc": iso(end)}
+
+
+class _Stopped(Exception):
+    """Raised inside a reader thread when the consumer went away."""
+
+
+def _record_id(record: Any) -> str:
+    """A record's Id, lower-cased (Mews compares UUIDs case-insensitively)."""
+    rid = record.get("Id") if isinstance(record, dict) else None
+    if not isinstance(rid, str):
+        raise MewsResponseError("a getAll record has no Id")
+    return rid.lower()
 
 
 @dataclass
@@ -781,6 +859,140 @@ class MewsConnectorHook(BaseHook):
             cursor = answer.get("Cursor")
             if len(page) < page_size or not cursor or (most is not None and seen >= most):
                 return
+
+    def paginate_range(
+        self,
+        operation: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        time_filter: str = "UpdatedUtc",
+        start: datetime | str,
+        end: datetime | str,
+        result_key: str | None = None,
+        page_size: int = 1000,
+        max_interval_months: int = MAX_INTERVAL_MONTHS,
+        max_workers: int = 4,
+        queue_pages: int = 8,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield the pages of a getAll over ``start``..``end`` of ``time_filter``, however long.
+
+        Mews refuses a time filter longer than 3 months, so the range is read as consecutive
+        slices of at most ``max_interval_months`` calendar months (:func:`time_slices`), each
+        paged with :meth:`paginate`. Whether Mews treats an interval's ends as inclusive is not
+        documented, so a record stamped exactly on the instant ``b`` where one slice ends and
+        the next starts may come back from both, or from one. To read it exactly once without
+        remembering every Id: first, one extra read of the zero-length interval ``[b, b]`` per
+        boundary returns exactly the records stamped at ``b``; they are yielded from it, and
+        both neighbouring slices skip their Ids. Memory holds only those Ids (the records on
+        the boundary instants), never the Ids of the whole range. A server that answers
+        ``[b, b]`` with nothing is one with half-open intervals, where no record is in two slices.
+
+        Slices are read by up to ``max_workers`` threads at once (every page under the token's
+        shared limiter, retried like any read); their pages come out as they arrive, in no
+        particular order, through a queue of at most ``queue_pages`` pages: a slow consumer
+        holds the readers back instead of letting pages pile up in memory. Closing the
+        iterator early stops the readers.
+        """
+        if time_filter not in ("CreatedUtc", "UpdatedUtc", "DeletedUtc"):
+            raise MewsConfigurationError(
+                f"time_filter must be CreatedUtc, UpdatedUtc or DeletedUtc, got {time_filter!r}"
+            )
+        if max_workers < 1 or queue_pages < 1:
+            raise MewsConfigurationError("max_workers and queue_pages must be at least 1")
+        slices = time_slices(start, end, max_interval_months)
+        base = dict(body or {})
+
+        def sliced(low: datetime, high: datetime) -> dict[str, Any]:
+            return {**base, time_filter: _interval_body(low, high)}
+
+        on_boundary: set[str] = set()
+        for _, boundary in slices[:-1]:
+            for page in self.paginate(
+                operation, sliced(boundary, boundary), result_key=result_key, page_size=page_size
+            ):
+                fresh = [r for r in page if _record_id(r) not in on_boundary]
+                on_boundary.update(_record_id(r) for r in fresh)
+                if fresh:
+                    yield fresh
+        if on_boundary:
+            self.log.info("%d records stamped exactly on a slice boundary were read once", len(on_boundary))
+        if len(slices) == 1 or max_workers == 1:
+            for low, high in slices:
+                for page in self.paginate(
+                    operation, sliced(low, high), result_key=result_key, page_size=page_size
+                ):
+                    kept = [r for r in page if _record_id(r) not in on_boundary] if on_boundary else page
+                    if kept:
+                        yield kept
+            return
+        yield from self._read_slices_in_threads(
+            operation, [sliced(low, high) for low, high in slices], on_boundary, result_key, page_size,
+            min(max_workers, len(slices)), queue_pages,
+        )  # fmt: skip
+
+    def _read_slices_in_threads(
+        self,
+        operation: str,
+        bodies: list[dict[str, Any]],
+        skip: set[str],
+        result_key: str | None,
+        page_size: int,
+        workers: int,
+        queue_pages: int,
+    ) -> Iterator[list[dict[str, Any]]]:
+        todo: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        for body in bodies:
+            todo.put(body)
+        out: queue.Queue[Any] = queue.Queue(maxsize=queue_pages)
+        stop = threading.Event()
+        done = object()
+
+        def put(item: Any) -> None:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+            raise _Stopped
+
+        def read() -> None:
+            try:
+                while not stop.is_set():
+                    try:
+                        body = todo.get_nowait()
+                    except queue.Empty:
+                        break
+                    for page in self.paginate(operation, body, result_key=result_key, page_size=page_size):
+                        kept = [r for r in page if _record_id(r) not in skip] if skip else page
+                        if kept:
+                            put(kept)
+                        if stop.is_set():
+                            raise _Stopped
+                put(done)
+            except _Stopped:
+                pass
+            except BaseException as exc:  # handed to the consumer, raised there
+                with contextlib.suppress(_Stopped):
+                    put(exc)
+
+        threads = [threading.Thread(target=read, name=f"mews-slice-{n}", daemon=True) for n in range(workers)]
+        for thread in threads:
+            thread.start()
+        running = workers
+        try:
+            while running:
+                item = out.get()
+                if item is done:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
 
     def test_connection(self) -> tuple[bool, str]:
         """One cheap authenticated call; used by the UI's Test button and `airflow connections test`."""
