@@ -40,7 +40,7 @@ from airflow_provider_mews.hooks.mews import (
 from airflow_provider_mews.runs.sources import quote_table
 from airflow_provider_mews.version_compat import AirflowFailException, AirflowNotFoundException, BaseOperator
 
-__all__ = ["NEW_FIELDS", "OPERATIONS", "MewsToFileOperator", "MewsToSqlOperator"]
+__all__ = ["NEW_FIELDS", "OPERATIONS", "MewsExportBaseOperator", "MewsToFileOperator", "MewsToSqlOperator"]
 
 NEW_FIELDS = ("add_column", "ignore", "fail")
 #: Dialects whose common-sql ``insert_rows(replace=True)`` is an upsert by key.
@@ -77,7 +77,7 @@ def cell(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-class _MewsExportBase(BaseOperator):
+class MewsExportBaseOperator(BaseOperator):
     """What both exports share: the request, the time range, reading and chunking."""
 
     template_fields: Sequence[str] = ("operation", "filters", "updated_utc", "created_utc", "chain_id")
@@ -222,7 +222,7 @@ class _MewsExportBase(BaseOperator):
         return InputDataset(namespace=hook.settings.base_url, name=self.operation)
 
 
-class MewsToSqlOperator(_MewsExportBase):
+class MewsToSqlOperator(MewsExportBaseOperator):
     """
     Export the records of a Mews getAll into a table, upserted by ``Id``.
 
@@ -255,7 +255,7 @@ class MewsToSqlOperator(_MewsExportBase):
     :param max_interval_months: the longest slice, in calendar months (Mews: 3).
     """
 
-    template_fields: Sequence[str] = (*_MewsExportBase.template_fields, "table")
+    template_fields: Sequence[str] = (*MewsExportBaseOperator.template_fields, "table")
 
     def __init__(
         self,
@@ -461,7 +461,7 @@ class TableWriter:
             conn.close()
 
 
-class MewsToFileOperator(_MewsExportBase):
+class MewsToFileOperator(MewsExportBaseOperator):
     """
     Export the records of a Mews getAll as JSON lines (one record per line, as Mews sends it).
 
@@ -476,7 +476,7 @@ class MewsToFileOperator(_MewsExportBase):
     :param conn_id: the Airflow connection of the object store (e.g. ``aws_default``), if any.
     """
 
-    template_fields: Sequence[str] = (*_MewsExportBase.template_fields, "path")
+    template_fields: Sequence[str] = (*MewsExportBaseOperator.template_fields, "path")
 
     def __init__(self, *, path: Any, conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
