@@ -209,7 +209,10 @@ class SyncRun(MembershipRun):
 
     def finish(self) -> dict[str, Any]:
         refused = self.refusal is not None and not self.sync.dry_run  # a dry run still writes the plan
-        if self.sync.mirror and not self.errors and not self.budget.exceeded and not refused:
+        # Stopped from outside (on_kill), the source was not read to its end: a scope matched
+        # against part of it would remove memberships the rest describes.
+        stopped = self.interrupted is not None
+        if self.sync.mirror and not self.errors and not self.budget.exceeded and not refused and not stopped:
             self.remove()
         summary = super().finish()
         summary["dry_run"] = self.sync.dry_run
