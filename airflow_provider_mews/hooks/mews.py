@@ -25,6 +25,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from airflow_provider_mews.exceptions import (
+    MewsCallStopped,
     MewsConfigurationError,
     MewsConnectionError,
     MewsError,
@@ -246,6 +247,10 @@ class MewsConnectorHook(BaseHook):
         self.backoff_max_s = backoff_max_s
         self.pool_size = pool_size
         self.stats = CallStats()
+        #: Set when the task is stopping (the operator's ``on_kill``): no call sends anything
+        #: more, and waits (rate limiter, backoff) end at once, so worker threads leave within
+        #: the supervisor's 5 s between SIGTERM and SIGKILL (a request on the wire still ends).
+        self.abort = threading.Event()
         self._settings: MewsSettings | None = None
         self._templates: dict[str, requests.PreparedRequest] = {}
 
@@ -395,8 +400,10 @@ class MewsConnectorHook(BaseHook):
         limited = 0
         while True:
             asked = time.monotonic()
-            slot = self.limiter.acquire(deadline)
+            slot = None if self.abort.is_set() else self.limiter.acquire(deadline, cancel=self.abort)
             waited = time.monotonic() - asked
+            if self.abort.is_set():
+                raise MewsCallStopped("the task is stopping; the request was not sent", operation=operation)
             if slot is None:
                 self.stats.add(limiter_wait_s=waited)
                 raise MewsRateLimitError(
@@ -439,7 +446,7 @@ class MewsConnectorHook(BaseHook):
             failures += 1
             self.stats.add(retries=1)
             self.log.warning("%s; retrying in %.1f s", error, wait)
-            time.sleep(wait)
+            self.abort.wait(wait)
 
     def _hold_after_429(self, error: MewsError, limited: int, slot: float, deadline: float) -> float | None:
         """Tell the limiter about a 429 (it holds everyone and learns); None to raise now.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from airflow_provider_mews.exceptions import MewsError
+from airflow_provider_mews.exceptions import MewsCallStopped, MewsError
 from airflow_provider_mews.loyalty.batches import (
     Batch,
     BatchSender,
@@ -168,7 +168,7 @@ class SyncBatchSender:
                 return result
             updates += self._add(result, new, stored_since)
             self._update(result, updates)
-        except StopRun:
+        except (StopRun, MewsCallStopped):  # the run is stopping: this batch stays unfinished
             pass
         except MewsError as exc:
             result.error = exc

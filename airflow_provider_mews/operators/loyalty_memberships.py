@@ -261,13 +261,30 @@ class LoyaltyMembershipAddOperator(BaseOperator):
                         self._checkpoint(context),
                         self.log,
                     )
+                self._run = run
                 summary = run.execute()
         finally:
+            self._run = None
             gc.unfreeze()
         self._push_summary(context, summary)
         if (failure := run.failure()) is not None:
             raise failure
         return summary
+
+    _run: MembershipRun | None = None
+
+    def on_kill(self) -> None:
+        """Airflow's task runner calls this on SIGTERM ("mark failed", a cleared task, a lost
+        heartbeat, a worker shutdown: the supervisor sends SIGKILL 5 s later) and after an
+        ``execution_timeout``. Without it the try would run on to its end or die mid-batch.
+
+        It runs in a signal handler, so it only asks the run to stop
+        (:meth:`~airflow_provider_mews.loyalty.add_run.MembershipRun.interrupt`); ``execute``
+        then sends nothing more, records the batches that end within 3 s (the rest stay in
+        doubt, reconciled by the next try), writes the checkpoint and fails, retryable."""
+        run = self._run
+        if run is not None:
+            run.interrupt("on_kill: the task was asked to stop (SIGTERM)")
 
     def _connect(self) -> MewsConnectorHook:
         hook = MewsConnectorHook(self.mews_conn_id, pool_size=self.max_active_requests + 2)
