@@ -87,7 +87,9 @@ def run_example(source: str, name: str, line: int, dag_file: Path) -> dict[str, 
 def test_the_examples_are_found() -> None:
     """A change to the fences (or to this parser) must not silently leave examples untested."""
     by_file = {p: [e for e in ALL_EXAMPLES if e.path == p] for p in {e.path for e in ALL_EXAMPLES}}
-    assert len(by_file.get("README.md", [])) >= 4, "the README's DAGs (add, mirror, names, export) are examples"
+    assert len(by_file.get("README.md", [])) >= 4, (
+        "the README's DAGs (add, mirror, names, export) are examples"
+    )
     for page in (
         "docs/getting-started.md",
         "docs/howto/add.md",
