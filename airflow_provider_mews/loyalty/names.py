@@ -14,7 +14,11 @@ nothing is guessed. :func:`decide` (the matching) is pure; the I/O is behind :cl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +39,12 @@ NAME_FIELDS = {
 }
 #: getAll filters take at most 1000 values.
 MAX_FILTER = 1000
+#: Names per customers/getAll, asked with Count 1000: one fewer than a page, so names that each
+#: match one profile come back on a page that is not full, and need no second (empty) read to
+#: prove it was the last (Mews's pagination rule). Only duplicate profiles cost a page more.
+NAMES_PER_LOOKUP = MAX_FILTER - 1
+#: Rows a ResolvedSource hands to its look-up thread before the run takes them.
+AHEAD_ROWS = 16 * MAX_FILTER
 #: Candidate Ids or codes quoted in a rejection.
 MAX_QUOTED = 5
 
@@ -260,13 +270,30 @@ _CLEAN = {
 }
 
 
+class LookupsStopped(Exception):
+    """Internal: the run is stopping; no look-up request is sent any more."""
+
+
+#: The name fields looked up with customers/getAll, and the record field each is matched on.
+_GUEST_FIELDS = {"AccountEmail": "Email", "AccountLoyaltyCode": "LoyaltyCode"}
+
+#: One fed chunk: its rows (Id columns appended) and the (name field, key) pairs it names.
+_Pending = tuple[list[tuple[Any, ...]], set[tuple[str, str]]]
+
+
 @dataclass
 class NameResolver:
-    """Fills a group of rows' Id columns from their names, asking Mews only what it has not asked.
+    """Fills rows' Id columns from their names, asking Mews only what it has not asked.
 
-    Guests: one ``customers/getAll`` per 1000 distinct names of a group, every page followed;
-    kept for the run with ``remember`` (a mirror reads its source twice), else for the group.
-    Programmes by ``Codes`` and tiers by programme: once per run. ``lookups`` counts the requests.
+    Guests: rows are fed in order (:meth:`feed`, then :meth:`drain` at the end); their names
+    queue up, and each ``customers/getAll`` asks the next :data:`NAMES_PER_LOOKUP` (999)
+    distinct names, whatever chunk or group they came from, every page followed. A chunk comes
+    back resolved once all its names were asked. E-mails are sent as the source wrote them
+    (trimmed) and compared case-insensitively; an e-mail with capitals that found no profile
+    is asked once more in lower case (a server that compares e-mails case-sensitively finds a
+    profile stored in lower case too). Names are kept while a fed chunk still needs them, or
+    for the run with ``remember`` (a mirror reads its source twice). Programmes by ``Codes`` and
+    tiers by programme: once per run. ``lookups`` counts the requests (pages included).
     """
 
     directory: Directory
@@ -274,24 +301,100 @@ class NameResolver:
     chain_id: str | None = None
     remember: bool = False
     lookups: int = 0
-    _guests: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    _guests: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (field, key) -> Ids
+    _asked: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (field, key) -> forms sent
+    _queue: dict[str, dict[str, None]] = field(default_factory=dict)  # field -> forms to send, in order
+    _queued: dict[tuple[str, str], int] = field(default_factory=dict)  # (field, key) -> forms queued
+    _refs: dict[tuple[str, str], int] = field(default_factory=dict)  # fed chunks naming (field, key)
+    _pending: deque[_Pending] = field(default_factory=deque)
     _programs: dict[str, list[str]] = field(default_factory=dict)
     _program_codes: list[str] | None = None  # every programme's code: asked once, for a rejection
     _tiers: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _halted: Callable[[], bool] | None = None
 
     def resolve(self, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
-        """``rows`` (source rows) with the Id columns appended and filled in."""
-        pad = (None,) * (len(self.plan.names) - self.plan.width)
-        out = [(*row, *pad) for row in rows]
-        if not self.remember:
-            self._guests.clear()
+        """``rows`` (source rows) with the Id columns appended and filled in (feed and drain)."""
+        return [row for chunk in (*self.feed(rows), *self.drain()) for row in chunk]
+
+    def feed(
+        self, rows: Sequence[Sequence[Any]], halted: Callable[[], bool] | None = None
+    ) -> list[list[tuple[Any, ...]]]:
+        """Take the next chunk of source rows; return the chunks fed so far whose names are all
+        asked, resolved, in the order they were fed (maybe none, maybe several).
+
+        ``halted``: checked before every request; once true, :class:`LookupsStopped` is raised."""
+        with self._lock:
+            self._halted = halted
+            pad = (None,) * (len(self.plan.names) - self.plan.width)
+            out = [(*row, *pad) for row in rows]
+            keys: set[tuple[str, str]] = set()
+            for name_field in _GUEST_FIELDS:
+                pos = self.plan.name_at.get(name_field)
+                if pos is None:
+                    continue
+                queue = self._queue.setdefault(name_field, {})
+                for form in dict.fromkeys(clean_code(row[pos]) for row in out):
+                    if form is None:
+                        continue
+                    key = (name_field, _CLEAN[name_field](form) or "")
+                    if key not in keys:
+                        keys.add(key)
+                        self._refs[key] = self._refs.get(key, 0) + 1
+                        self._guests.setdefault(key, [])
+                    if form not in self._asked.get(key, ()) and form not in queue:
+                        self._enqueue(queue, key, form)
+            self._pending.append((out, keys))
+            self._send(final=False)
+            return self._ready()
+
+    def drain(self, halted: Callable[[], bool] | None = None) -> list[list[tuple[Any, ...]]]:
+        """Ask the names still queued; return every chunk left, resolved."""
+        with self._lock:
+            self._halted = halted
+            self._send(final=True)
+            return self._ready()
+
+    def reset(self) -> None:
+        """Forget the chunks fed and not returned (a read of the source that ended early)."""
+        with self._lock:
+            while self._pending:
+                self._release(self._pending.popleft()[1])
+            self._queue.clear()
+            self._queued.clear()
+
+    # -- chunks --
+
+    def _ready(self) -> list[list[tuple[Any, ...]]]:
+        done = []
+        while self._pending and not self._waiting(self._pending[0][1]):
+            rows, keys = self._pending.popleft()
+            done.append(self._fill_rows(rows))
+            self._release(keys)
+        return done
+
+    def _waiting(self, keys: set[tuple[str, str]]) -> bool:
+        """Whether a name of the chunk is still to be asked (in any of its forms)."""
+        return any(key in self._queued for key in keys)
+
+    def _release(self, keys: set[tuple[str, str]]) -> None:
+        if self.remember:
+            return
+        for key in keys:
+            left = self._refs.get(key, 0) - 1
+            if left > 0:
+                self._refs[key] = left
+                continue
+            self._refs.pop(key, None)
+            self._guests.pop(key, None)
+            self._asked.pop(key, None)
+
+    def _fill_rows(self, out: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         at = self.plan.name_at
-        self._ask_guests("AccountEmail", self._values(out, "AccountEmail"))
-        self._ask_guests("AccountLoyaltyCode", self._values(out, "AccountLoyaltyCode"))
         self._ask_programs(self._values(out, "LoyaltyProgramCode"))
         for i, row in enumerate(out):
             cells = list(row)
-            guests = [self._guest(f, cells[at[f]]) for f in ("AccountEmail", "AccountLoyaltyCode") if f in at]
+            guests = [self._guest(f, cells[at[f]]) for f in _GUEST_FIELDS if f in at]
             if guests:
                 self._fill(cells, "AccountId", guests)
             if "LoyaltyProgramCode" in at:
@@ -358,7 +461,14 @@ class NameResolver:
     # -- Mews --
 
     def _pages(self, pages: Iterable[list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
-        for page in pages:
+        """The records of ``pages``, one request each, none once the run is stopping."""
+        it = iter(pages)
+        while True:
+            if self._halted is not None and self._halted():
+                raise LookupsStopped
+            page = next(it, None)
+            if page is None:
+                return
             self.lookups += 1
             yield from page
 
@@ -366,24 +476,51 @@ class NameResolver:
     def _chains(self) -> list[str] | None:
         return [self.chain_id] if self.chain_id else None
 
-    def _ask_guests(self, name_field: str, values: list[str]) -> None:
-        """One customers/getAll per 1000 names not asked yet (more only for further pages)."""
-        missing = [v for v in values if (name_field, v) not in self._guests]
-        record = "Email" if name_field == "AccountEmail" else "LoyaltyCode"
+    def _send(self, final: bool) -> None:
+        """Ask the queued names NAMES_PER_LOOKUP at a time (all of them when ``final``)."""
+        for name_field, queue in self._queue.items():
+            while len(queue) >= NAMES_PER_LOOKUP or (final and queue):
+                part = list(itertools.islice(queue, NAMES_PER_LOOKUP))
+                clean = _CLEAN[name_field]
+                for form in part:
+                    del queue[form]
+                    key = (name_field, clean(form) or "")
+                    if self._queued[key] > 1:
+                        self._queued[key] -= 1
+                    else:
+                        del self._queued[key]
+                self._ask_guests(name_field, part)
+
+    def _enqueue(self, queue: dict[str, None], key: tuple[str, str], form: str) -> None:
+        queue[form] = None
+        self._queued[key] = self._queued.get(key, 0) + 1
+
+    def _ask_guests(self, name_field: str, forms: list[str]) -> None:
+        """One customers/getAll for ``forms`` (more only for further pages); an e-mail with
+        capitals that found nobody is queued again in lower case."""
         clean = _CLEAN[name_field]
-        for start in range(0, len(missing), MAX_FILTER):
-            part = missing[start : start + MAX_FILTER]
-            for v in part:
-                self._guests[(name_field, v)] = []
-            if name_field == "AccountEmail":
-                pages = self.directory.get_customers(emails=part, chain_ids=self._chains)
-            else:
-                pages = self.directory.get_customers(loyalty_codes=part, chain_ids=self._chains)
-            for customer in self._pages(pages):
-                ids = self._guests.get((name_field, clean(customer.get(record)) or ""))
-                cid = str(customer["Id"]).lower()
-                if ids is not None and cid not in ids:
-                    ids.append(cid)
+        for form in forms:
+            key = (name_field, clean(form) or "")
+            self._asked.setdefault(key, set()).add(form)
+            self._guests.setdefault(key, [])
+        if name_field == "AccountEmail":
+            pages = self.directory.get_customers(emails=forms, chain_ids=self._chains)
+        else:
+            pages = self.directory.get_customers(loyalty_codes=forms, chain_ids=self._chains)
+        record = _GUEST_FIELDS[name_field]
+        for customer in self._pages(pages):
+            ids = self._guests.get((name_field, clean(customer.get(record)) or ""))
+            cid = str(customer["Id"]).lower()
+            if ids is not None and cid not in ids:
+                ids.append(cid)
+        if name_field != "AccountEmail":
+            return
+        queue = self._queue[name_field]
+        for form in forms:
+            lower = form.lower()
+            key = (name_field, lower)
+            if not self._guests[key] and lower not in self._asked[key] and lower not in queue:
+                self._enqueue(queue, key, lower)
 
     def _ask_programs(self, codes: list[str]) -> None:
         missing = [c for c in codes if c not in self._programs]
@@ -409,13 +546,14 @@ class NameResolver:
         """The programme's tiers by code, asked once per run and programme."""
         tiers = self._tiers.get(program_id)
         if tiers is None:
-            tiers = self._tiers[program_id] = {}
+            tiers = {}
             for tier in self._pages(
                 self.directory.get_loyalty_tiers(loyalty_program_ids=[program_id], chain_ids=self._chains)
             ):
                 code = clean_code(tier.get("Code"))
                 if code is not None:
                     tiers.setdefault(code, []).append(str(tier["Id"]).lower())
+            self._tiers[program_id] = tiers
         return tiers
 
 
@@ -425,14 +563,20 @@ class NameResolver:
 class ResolvedSource:
     """A run's source whose rows come with their Id columns filled in from their names.
 
-    Rows are resolved in groups of at least ``group_rows`` (whole chunks), so a small
-    ``batch_size`` still costs one guest look-up per 1000 rows.
+    The source is read by the caller's thread, as before; the look-ups run on one thread of
+    their own, ahead of the rows the run is sending: up to ``ahead_rows`` rows are read and
+    handed to it before the run takes them, so the next names are looked up while the batches
+    before them are in flight, and the token's budget serves adds and look-ups without a gap.
+    Chunks come out whole and in order, resolved exactly as one thread would (one resolver,
+    fed in order). ``stop`` (the run's event): once set, no look-up request is sent any more
+    and no further chunk is given; a look-up's error is raised to the reader with its chunk.
     """
 
-    def __init__(self, source: Any, resolver: NameResolver, group_rows: int = MAX_FILTER) -> None:
+    def __init__(self, source: Any, resolver: NameResolver, ahead_rows: int = AHEAD_ROWS) -> None:
         self.source = source
         self.resolver = resolver
-        self.group_rows = group_rows
+        self.ahead_rows = ahead_rows
+        self.stop: threading.Event | None = None
         self.columns = resolver.plan.names
         self.description = f"{source.description} (members named by {', '.join(resolver.plan.name_at)})"
 
@@ -450,24 +594,40 @@ class ResolvedSource:
         return self.resolver.lookups
 
     def chunks(self) -> Iterator[list[tuple[Any, ...]]]:
-        group: list[Sequence[Sequence[Any]]] = []
-        size = 0
-        for chunk in self.source.chunks():
-            group.append(chunk)
-            size += len(chunk)
-            if size >= self.group_rows:
-                yield from self._resolved(group)
-                group, size = [], 0
-        yield from self._resolved(group)
+        closed = threading.Event()
+        run_stop = self.stop
 
-    def _resolved(self, group: list[Sequence[Sequence[Any]]]) -> Iterator[list[tuple[Any, ...]]]:
-        if not group:
+        def halted() -> bool:
+            return closed.is_set() or (run_stop is not None and run_stop.is_set())
+
+        self.resolver.reset()
+        worker = ThreadPoolExecutor(1, thread_name_prefix="mews-names")
+        handed: deque[Future[list[list[tuple[Any, ...]]]]] = deque()
+        ahead = 0  # rows handed to the look-ups and not yet given to the run
+        try:
+            for chunk in self.source.chunks():
+                if halted():
+                    return
+                handed.append(worker.submit(self.resolver.feed, chunk, halted))
+                ahead += len(chunk)
+                while handed and (handed[0].done() or ahead >= self.ahead_rows):
+                    for resolved in self._result(handed.popleft()):
+                        ahead -= len(resolved)
+                        yield resolved
+            handed.append(worker.submit(self.resolver.drain, halted))
+            while handed:
+                yield from self._result(handed.popleft())
+        except LookupsStopped:
             return
-        rows = self.resolver.resolve([row for chunk in group for row in chunk])
-        start = 0
-        for chunk in group:
-            yield rows[start : start + len(chunk)]
-            start += len(chunk)
+        finally:
+            closed.set()
+            for future in handed:
+                future.cancel()
+            worker.shutdown(wait=False)
+
+    @staticmethod
+    def _result(future: Future[list[list[tuple[Any, ...]]]]) -> list[list[tuple[Any, ...]]]:
+        return future.result()
 
     def count(self) -> int | None:
         return self.source.count()  # type: ignore[no-any-return]
