@@ -611,12 +611,17 @@ class ResolvedSource:
                 handed.append(worker.submit(self.resolver.feed, chunk, halted))
                 ahead += len(chunk)
                 while handed and (handed[0].done() or ahead >= self.ahead_rows):
-                    for resolved in self._result(handed.popleft()):
+                    for resolved in handed.popleft().result():
+                        if halted():
+                            return
                         ahead -= len(resolved)
                         yield resolved
             handed.append(worker.submit(self.resolver.drain, halted))
             while handed:
-                yield from self._result(handed.popleft())
+                for resolved in handed.popleft().result():
+                    if halted():
+                        return
+                    yield resolved
         except LookupsStopped:
             return
         finally:
@@ -624,10 +629,6 @@ class ResolvedSource:
             for future in handed:
                 future.cancel()
             worker.shutdown(wait=False)
-
-    @staticmethod
-    def _result(future: Future[list[list[tuple[Any, ...]]]]) -> list[list[tuple[Any, ...]]]:
-        return future.result()
 
     def count(self) -> int | None:
         return self.source.count()  # type: ignore[no-any-return]

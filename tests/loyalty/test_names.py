@@ -7,13 +7,17 @@ is all of :mod:`airflow_provider_mews.loyalty.names` and the normalizer it feeds
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
 
+from airflow_provider_mews.exceptions import MewsError
 from airflow_provider_mews.loyalty.batches import build_batch
 from airflow_provider_mews.loyalty.names import (
     Named,
+    NamePlan,
     NameResolver,
     ResolvedSource,
     clean_email,
@@ -307,3 +311,65 @@ def test_guests_are_asked_again_per_group_unless_remembered_programmes_and_tiers
     remembering = resolver(d, remember=True)
     assert remembering.resolve(rows) == remembering.resolve(rows)
     assert (d.count("customers"), d.count("programs"), d.count("tiers")) == (1, 1, 1)
+
+
+# -- look-ups ahead of the run --
+
+
+class SlowDirectory(Directory):
+    """A Directory whose customers/getAll takes ``delay`` s, notes its thread, and fails on call ``fail_at``."""
+
+    def __init__(self, customers: list[dict[str, Any]], delay: float = 0.0, fail_at: int | None = None) -> None:
+        super().__init__(customers)
+        self.delay, self.fail_at = delay, fail_at
+        self.threads: set[str] = set()
+
+    def get_customers(self, **kwargs: Any) -> Any:
+        for page in super().get_customers(**kwargs):
+            self.threads.add(threading.current_thread().name)
+            if self.fail_at is not None and self.count("customers") >= self.fail_at:
+                raise MewsError("HTTP 503 from customers/getAll", status=503, operation="customers/getAll")
+            time.sleep(self.delay)
+            yield page
+
+
+def numbered(n: int, chunk: int = 999) -> tuple[list[dict[str, Any]], ListSource, NamePlan]:
+    people = [{"Id": f"00000000-0000-4000-8000-{i:012d}", "Email": f"g{i}@x.com"} for i in range(n)]
+    source = ListSource([{"email": f"g{i}@x.com", "is_primary": 1} for i in range(n)], chunk)
+    return people, source, plan_names(source.columns, {"email": "AccountEmail"})
+
+
+def test_names_are_looked_up_on_a_thread_of_their_own_ahead_of_the_rows_taken() -> None:
+    people, source, plan = numbered(10 * 999)
+    d = SlowDirectory(people)
+    resolved = ResolvedSource(source, NameResolver(d, plan), ahead_rows=5 * 999)
+    chunks = resolved.chunks()
+    first = next(chunks)
+    time.sleep(0.2)  # the run sends the first batch: the look-up thread goes on meanwhile
+    assert d.threads == {"mews-names_0"} and first[0][-1] == people[0]["Id"]
+    assert d.count("customers") == 5  # the five chunks handed ahead were looked up, no more
+    rest = list(chunks)
+    assert [row[-1] for c in (first, *rest) for row in c] == [p["Id"] for p in people]
+    assert d.count("customers") == 10
+
+
+def test_look_ups_stop_with_the_run_and_their_errors_reach_the_reader() -> None:
+    people, source, plan = numbered(20 * 999)
+    d = SlowDirectory(people, delay=0.05)
+    resolved = ResolvedSource(source, NameResolver(d, plan), ahead_rows=20 * 999)
+    resolved.stop = stop = threading.Event()
+    chunks = resolved.chunks()
+    next(chunks)
+    stop.set()  # the run stops: no further chunk, and no look-up request after the one under way
+    asked = d.count("customers")
+    assert list(chunks) == []
+    time.sleep(0.3)
+    assert d.count("customers") <= asked + 1 < 20
+
+    people, source, plan = numbered(6 * 999)
+    failing = ResolvedSource(source, NameResolver(SlowDirectory(people, fail_at=4), plan))
+    got = []
+    with pytest.raises(MewsError, match="HTTP 503"):
+        for chunk in failing.chunks():
+            got.append(chunk)
+    assert len(got) == 3  # the chunks resolved before the failing look-up, then its error
