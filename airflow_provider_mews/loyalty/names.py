@@ -3,9 +3,10 @@
 A CRM knows a member by e-mail or loyalty code and a programme and tier by their codes;
 Mews's add wants UUIDs. :func:`plan_names` finds a source's name columns (``AccountEmail``,
 ``AccountLoyaltyCode``, ``LoyaltyProgramCode``, ``LoyaltyTierCode``, matched like every
-column). :class:`NameResolver` looks a group of rows' names up in Mews, guests at one
-``customers/getAll`` per 1000 names, programmes and tiers once per run, and fills in the Id
-columns. A name that gives no Id, several, or one the row's own Id contradicts fills the
+column). :class:`NameResolver` looks rows' names up in Mews, guests at one
+``customers/getAll`` per 999 names (so a page of names that each match one profile is not
+full and needs no second read), programmes and tiers once per run, and fills in the Id
+columns; :class:`ResolvedSource` runs it on a thread of its own, ahead of the batches in flight. A name that gives no Id, several, or one the row's own Id contradicts fills the
 cell with a :class:`~airflow_provider_mews.loyalty.normalize.RowRejected` instead: the
 normalizer raises it, so the row is rejected with its reason like any invalid row, and
 nothing is guessed. :func:`decide` (the matching) is pure; the I/O is behind :class:`Directory`.

@@ -217,7 +217,12 @@ def test_rows_get_their_three_ids_or_the_reason_in_the_id_cell() -> None:
     # one look-up of the e-mails, one of the codes, all programmes once (to name them), tiers of GOLDCLUB once
     assert [op for op, _ in d.calls] == ["customers", "programs", "tiers", "programs"]
     # e-mails go as written (trimmed), each spelling once; compared case-insensitively
-    assert d.calls[0][1]["emails"] == ["ann@EXAMPLE.com", "dup@example.com", "nobody@example.com", "ann@example.com"]
+    assert d.calls[0][1]["emails"] == [
+        "ann@EXAMPLE.com",
+        "dup@example.com",
+        "nobody@example.com",
+        "ann@example.com",
+    ]
     assert d.calls[0][1]["chains"] == ["c0000000-0000-4000-8000-000000000000"]
     assert r.lookups == len(d.calls)
 
@@ -284,7 +289,11 @@ def test_e_mails_found_on_a_case_sensitive_server_and_what_it_hides() -> None:
         {"Id": A2, "Email": "bob@example.com"},  # stored lower case
         {"Id": A3, "Email": "Cy@Example.com"},
     ]
-    rows = [("Ann@Example.com ", "GOLDCLUB", 1), ("BOB@Example.com", "GOLDCLUB", 1), ("cy@example.com", "GOLDCLUB", 1)]
+    rows = [
+        ("Ann@Example.com ", "GOLDCLUB", 1),
+        ("BOB@Example.com", "GOLDCLUB", 1),
+        ("cy@example.com", "GOLDCLUB", 1),
+    ]
     plan = plan_names(("email", "programme_code", "is_primary"), {"email": "AccountEmail", "programme_code": "LoyaltyProgramCode"})  # fmt: skip
     sensitive = Directory(guests_, case_sensitive=True)
     resolved = NameResolver(sensitive, plan).resolve(rows)
@@ -319,7 +328,9 @@ def test_guests_are_asked_again_per_group_unless_remembered_programmes_and_tiers
 class SlowDirectory(Directory):
     """A Directory whose customers/getAll takes ``delay`` s, notes its thread, and fails on call ``fail_at``."""
 
-    def __init__(self, customers: list[dict[str, Any]], delay: float = 0.0, fail_at: int | None = None) -> None:
+    def __init__(
+        self, customers: list[dict[str, Any]], delay: float = 0.0, fail_at: int | None = None
+    ) -> None:
         super().__init__(customers)
         self.delay, self.fail_at = delay, fail_at
         self.threads: set[str] = set()
