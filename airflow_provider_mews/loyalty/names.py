@@ -19,7 +19,7 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,8 +44,10 @@ MAX_FILTER = 1000
 #: match one profile come back on a page that is not full, and need no second (empty) read to
 #: prove it was the last (Mews's pagination rule). Only duplicate profiles cost a page more.
 NAMES_PER_LOOKUP = MAX_FILTER - 1
-#: Rows a ResolvedSource hands to its look-up thread before the run takes them.
+#: Rows a ResolvedSource reads and looks up before the run takes them.
 AHEAD_ROWS = 16 * MAX_FILTER
+#: customers/getAll a ResolvedSource has in flight at once (each a slot of the token's limiter).
+PARALLEL_LOOKUPS = 3
 #: Candidate Ids or codes quoted in a rejection.
 MAX_QUOTED = 5
 
@@ -311,21 +313,24 @@ class NameResolver:
     _programs: dict[str, list[str]] = field(default_factory=dict)
     _program_codes: list[str] | None = None  # every programme's code: asked once, for a rejection
     _tiers: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _cond: threading.Condition = field(default_factory=lambda: threading.Condition(threading.RLock()))
     _halted: Callable[[], bool] | None = None
+    _pool: ThreadPoolExecutor | None = None  # asks customers/getAll in parallel when started
+    _asking: int = 0  # asks in flight
+    _failed: BaseException | None = None  # an ask's error, raised to the reader
+    _generation: int = 0  # asks of an earlier read of the source are dropped
 
     def resolve(self, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
         """``rows`` (source rows) with the Id columns appended and filled in (feed and drain)."""
-        return [row for chunk in (*self.feed(rows), *self.drain()) for row in chunk]
+        self.feed(rows)
+        return [row for chunk in self.drain() for row in chunk]
 
-    def feed(
-        self, rows: Sequence[Sequence[Any]], halted: Callable[[], bool] | None = None
-    ) -> list[list[tuple[Any, ...]]]:
-        """Take the next chunk of source rows; return the chunks fed so far whose names are all
-        asked, resolved, in the order they were fed (maybe none, maybe several).
+    def feed(self, rows: Sequence[Sequence[Any]], halted: Callable[[], bool] | None = None) -> None:
+        """Take the next chunk of source rows and queue its names; send a request for each
+        NAMES_PER_LOOKUP queued (on the pool when started). :meth:`ready` gives the chunks back.
 
         ``halted``: checked before every request; once true, :class:`LookupsStopped` is raised."""
-        with self._lock:
+        with self._cond:
             self._halted = halted
             pad = (None,) * (len(self.plan.names) - self.plan.width)
             out = [(*row, *pad) for row in rows]
@@ -347,22 +352,56 @@ class NameResolver:
                         self._enqueue(queue, key, form)
             self._pending.append((out, keys))
             self._send(final=False)
-            return self._ready()
 
     def drain(self, halted: Callable[[], bool] | None = None) -> list[list[tuple[Any, ...]]]:
         """Ask the names still queued; return every chunk left, resolved."""
-        with self._lock:
+        return self.ready(block=True, final=True, halted=halted)
+
+    def ready(
+        self, block: bool = False, final: bool = False, halted: Callable[[], bool] | None = None
+    ) -> list[list[tuple[Any, ...]]]:
+        """The chunks whose names are all answered, resolved, in order. ``block``: wait for one
+        at least (flushing a partial request when nothing else is in flight); ``final``: the
+        source ended, send everything queued and wait for every chunk."""
+        with self._cond:
             self._halted = halted
-            self._send(final=True)
-            return self._ready()
+            done: list[list[tuple[Any, ...]]] = []
+            while True:
+                if final or (block and self._asking == 0):
+                    self._send(final=True)
+                done += self._ready()
+                if not self._pending or (not final and (done or not block)):
+                    return done
+                if self._failed is not None:
+                    if done:
+                        return done  # the chunks answered before it; the error on the next call
+                    raise self._failed
+                if halted is not None and halted():
+                    raise LookupsStopped
+                self._cond.wait(0.5)
+
+    def start(self, parallel: int) -> None:
+        """Ask up to ``parallel`` customers/getAll at once, on threads of their own."""
+        self.reset()
+        if parallel > 1:
+            self._pool = ThreadPoolExecutor(parallel, thread_name_prefix="mews-names")
+
+    def shutdown(self) -> None:
+        with self._cond:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def reset(self) -> None:
         """Forget the chunks fed and not returned (a read of the source that ended early)."""
-        with self._lock:
+        with self._cond:
             while self._pending:
                 self._release(self._pending.popleft()[1])
             self._queue.clear()
             self._queued.clear()
+            self._asking = 0
+            self._failed = None
+            self._generation += 1
 
     # -- chunks --
 
@@ -461,16 +500,20 @@ class NameResolver:
 
     # -- Mews --
 
-    def _pages(self, pages: Iterable[list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    def _pages(
+        self, pages: Iterable[list[dict[str, Any]]], halted: Callable[[], bool] | None = None
+    ) -> Iterator[dict[str, Any]]:
         """The records of ``pages``, one request each, none once the run is stopping."""
+        halted = halted or self._halted
         it = iter(pages)
         while True:
-            if self._halted is not None and self._halted():
+            if halted is not None and halted():
                 raise LookupsStopped
             page = next(it, None)
             if page is None:
                 return
-            self.lookups += 1
+            with self._cond:
+                self.lookups += 1
             yield from page
 
     @property
@@ -478,7 +521,8 @@ class NameResolver:
         return [self.chain_id] if self.chain_id else None
 
     def _send(self, final: bool) -> None:
-        """Ask the queued names NAMES_PER_LOOKUP at a time (all of them when ``final``)."""
+        """Ask the queued names NAMES_PER_LOOKUP at a time (all of them when ``final``): on the
+        pool when started, else at once. A form stays counted in ``_queued`` until answered."""
         for name_field, queue in self._queue.items():
             while len(queue) >= NAMES_PER_LOOKUP or (final and queue):
                 part = list(itertools.islice(queue, NAMES_PER_LOOKUP))
@@ -486,42 +530,69 @@ class NameResolver:
                 for form in part:
                     del queue[form]
                     key = (name_field, clean(form) or "")
-                    if self._queued[key] > 1:
-                        self._queued[key] -= 1
-                    else:
-                        del self._queued[key]
-                self._ask_guests(name_field, part)
+                    self._asked.setdefault(key, set()).add(form)
+                    self._guests.setdefault(key, [])
+                if self._pool is None:
+                    self._record(name_field, part, self._fetch(name_field, part, self._halted))
+                    continue
+                self._asking += 1
+                self._pool.submit(self._ask, name_field, part, self._halted, self._generation)
 
-    def _enqueue(self, queue: dict[str, None], key: tuple[str, str], form: str) -> None:
-        queue[form] = None
-        self._queued[key] = self._queued.get(key, 0) + 1
+    def _ask(
+        self, name_field: str, forms: list[str], halted: Callable[[], bool] | None, generation: int
+    ) -> None:
+        """One ask on a pool thread: the request without the lock, its answer recorded with it."""
+        try:
+            records = self._fetch(name_field, forms, halted)
+        except BaseException as exc:  # any error: raised to the reader by ready()
+            with self._cond:
+                if generation == self._generation:
+                    self._asking -= 1
+                    self._failed = self._failed or exc
+                    self._cond.notify_all()
+            return
+        with self._cond:
+            if generation == self._generation:
+                self._asking -= 1
+                self._record(name_field, forms, records)
+                self._cond.notify_all()
 
-    def _ask_guests(self, name_field: str, forms: list[str]) -> None:
-        """One customers/getAll for ``forms`` (more only for further pages); an e-mail with
-        capitals that found nobody is queued again in lower case."""
-        clean = _CLEAN[name_field]
-        for form in forms:
-            key = (name_field, clean(form) or "")
-            self._asked.setdefault(key, set()).add(form)
-            self._guests.setdefault(key, [])
+    def _fetch(
+        self, name_field: str, forms: list[str], halted: Callable[[], bool] | None
+    ) -> list[dict[str, Any]]:
+        """One customers/getAll for ``forms``, every page followed."""
         if name_field == "AccountEmail":
             pages = self.directory.get_customers(emails=forms, chain_ids=self._chains)
         else:
             pages = self.directory.get_customers(loyalty_codes=forms, chain_ids=self._chains)
+        return list(self._pages(pages, halted))
+
+    def _record(self, name_field: str, forms: list[str], records: list[dict[str, Any]]) -> None:
+        """The profiles found for ``forms`` by their key; an e-mail with capitals that found
+        nobody is queued again in lower case."""
+        clean = _CLEAN[name_field]
         record = _GUEST_FIELDS[name_field]
-        for customer in self._pages(pages):
+        for customer in records:
             ids = self._guests.get((name_field, clean(customer.get(record)) or ""))
             cid = str(customer["Id"]).lower()
             if ids is not None and cid not in ids:
                 ids.append(cid)
-        if name_field != "AccountEmail":
-            return
         queue = self._queue[name_field]
         for form in forms:
-            lower = form.lower()
-            key = (name_field, lower)
-            if not self._guests[key] and lower not in self._asked[key] and lower not in queue:
-                self._enqueue(queue, key, lower)
+            key = (name_field, clean(form) or "")
+            if name_field == "AccountEmail":
+                lower = key[1]
+                if not self._guests.get(key) and lower not in self._asked.get(key, ()) and lower not in queue:
+                    self._enqueue(queue, key, lower)
+            left = self._queued.get(key, 0) - 1
+            if left > 0:
+                self._queued[key] = left
+            else:
+                self._queued.pop(key, None)
+
+    def _enqueue(self, queue: dict[str, None], key: tuple[str, str], form: str) -> None:
+        queue[form] = None
+        self._queued[key] = self._queued.get(key, 0) + 1
 
     def _ask_programs(self, codes: list[str]) -> None:
         missing = [c for c in codes if c not in self._programs]
@@ -564,19 +635,27 @@ class NameResolver:
 class ResolvedSource:
     """A run's source whose rows come with their Id columns filled in from their names.
 
-    The source is read by the caller's thread, as before; the look-ups run on one thread of
-    their own, ahead of the rows the run is sending: up to ``ahead_rows`` rows are read and
-    handed to it before the run takes them, so the next names are looked up while the batches
-    before them are in flight, and the token's budget serves adds and look-ups without a gap.
-    Chunks come out whole and in order, resolved exactly as one thread would (one resolver,
-    fed in order). ``stop`` (the run's event): once set, no look-up request is sent any more
+    The source is read by the caller's thread, as before; the guests' look-ups run on up to
+    ``parallel`` threads of their own, ahead of the rows the run is sending: up to
+    ``ahead_rows`` rows are read and their names asked before the run takes them, so the next
+    names are looked up while the batches before them are in flight, and the token's budget
+    serves adds and look-ups without a gap. Chunks come out whole and in order; which names
+    go in which request depends only on the source's order, and a row's Ids only on what Mews
+    holds for its names. ``stop`` (the run's event): once set, no look-up request is sent any more
     and no further chunk is given; a look-up's error is raised to the reader with its chunk.
     """
 
-    def __init__(self, source: Any, resolver: NameResolver, ahead_rows: int = AHEAD_ROWS) -> None:
+    def __init__(
+        self,
+        source: Any,
+        resolver: NameResolver,
+        ahead_rows: int = AHEAD_ROWS,
+        parallel: int = PARALLEL_LOOKUPS,
+    ) -> None:
         self.source = source
         self.resolver = resolver
         self.ahead_rows = ahead_rows
+        self.parallel = parallel
         self.stop: threading.Event | None = None
         self.columns = resolver.plan.names
         self.description = f"{source.description} (members named by {', '.join(resolver.plan.name_at)})"
@@ -601,35 +680,31 @@ class ResolvedSource:
         def halted() -> bool:
             return closed.is_set() or (run_stop is not None and run_stop.is_set())
 
-        self.resolver.reset()
-        worker = ThreadPoolExecutor(1, thread_name_prefix="mews-names")
-        handed: deque[Future[list[list[tuple[Any, ...]]]]] = deque()
         ahead = 0  # rows handed to the look-ups and not yet given to the run
+        self.resolver.start(self.parallel)
         try:
             for chunk in self.source.chunks():
                 if halted():
                     return
-                handed.append(worker.submit(self.resolver.feed, chunk, halted))
+                self.resolver.feed(chunk, halted)
                 ahead += len(chunk)
-                while handed and (handed[0].done() or ahead >= self.ahead_rows):
-                    for resolved in handed.popleft().result():
-                        if halted():
-                            return
-                        ahead -= len(resolved)
-                        yield resolved
-            handed.append(worker.submit(self.resolver.drain, halted))
-            while handed:
-                for resolved in handed.popleft().result():
+                if ahead < self.ahead_rows:
+                    continue  # read on: the look-ups stay ahead_rows ahead of the run
+                for rows in self.resolver.ready(block=True, halted=halted):
                     if halted():
                         return
-                    yield resolved
+                    ahead -= len(rows)
+                    yield rows
+            while resolved := self.resolver.drain(halted):
+                for rows in resolved:
+                    if halted():
+                        return
+                    yield rows
         except LookupsStopped:
             return
         finally:
             closed.set()
-            for future in handed:
-                future.cancel()
-            worker.shutdown(wait=False)
+            self.resolver.shutdown()
 
     def count(self) -> int | None:
         return self.source.count()  # type: ignore[no-any-return]

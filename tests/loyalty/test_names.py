@@ -357,7 +357,8 @@ def test_names_are_looked_up_on_a_thread_of_their_own_ahead_of_the_rows_taken() 
     chunks = resolved.chunks()
     first = next(chunks)
     time.sleep(0.2)  # the run sends the first batch: the look-up thread goes on meanwhile
-    assert d.threads == {"mews-names_0"} and first[0][-1] == people[0]["Id"]
+    assert d.threads and all(t.startswith("mews-names") for t in d.threads)
+    assert first[0][-1] == people[0]["Id"]
     assert d.count("customers") == 5  # the five chunks handed ahead were looked up, no more
     rest = list(chunks)
     assert [row[-1] for c in (first, *rest) for row in c] == [p["Id"] for p in people]
@@ -371,11 +372,11 @@ def test_look_ups_stop_with_the_run_and_their_errors_reach_the_reader() -> None:
     resolved.stop = stop = threading.Event()
     chunks = resolved.chunks()
     next(chunks)
-    stop.set()  # the run stops: no further chunk, and no look-up request after the one under way
+    stop.set()  # the run stops: no further chunk, and no look-up request after those under way
     asked = d.count("customers")
     assert list(chunks) == []
     time.sleep(0.3)
-    assert d.count("customers") <= asked + 1 < 20
+    assert d.count("customers") <= asked + 3 < 20  # at most the three under way
 
     people, source, plan = numbered(6 * 999)
     failing = ResolvedSource(source, NameResolver(SlowDirectory(people, fail_at=4), plan))
