@@ -3,9 +3,10 @@
 A CRM knows a member by e-mail or loyalty code and a programme and tier by their codes;
 Mews's add wants UUIDs. :func:`plan_names` finds a source's name columns (``AccountEmail``,
 ``AccountLoyaltyCode``, ``LoyaltyProgramCode``, ``LoyaltyTierCode``, matched like every
-column). :class:`NameResolver` looks a group of rows' names up in Mews, guests at one
-``customers/getAll`` per 1000 names, programmes and tiers once per run, and fills in the Id
-columns. A name that gives no Id, several, or one the row's own Id contradicts fills the
+column). :class:`NameResolver` looks rows' names up in Mews, guests at one
+``customers/getAll`` per 999 names (so a page of names that each match one profile is not
+full and needs no second read), programmes and tiers once per run, and fills in the Id
+columns; :class:`ResolvedSource` runs it on a thread of its own, ahead of the batches in flight. A name that gives no Id, several, or one the row's own Id contradicts fills the
 cell with a :class:`~airflow_provider_mews.loyalty.normalize.RowRejected` instead: the
 normalizer raises it, so the row is rejected with its reason like any invalid row, and
 nothing is guessed. :func:`decide` (the matching) is pure; the I/O is behind :class:`Directory`.
@@ -14,7 +15,11 @@ nothing is guessed. :func:`decide` (the matching) is pure; the I/O is behind :cl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +40,14 @@ NAME_FIELDS = {
 }
 #: getAll filters take at most 1000 values.
 MAX_FILTER = 1000
+#: Names per customers/getAll, asked with Count 1000: one fewer than a page, so names that each
+#: match one profile come back on a page that is not full, and need no second (empty) read to
+#: prove it was the last (Mews's pagination rule). Only duplicate profiles cost a page more.
+NAMES_PER_LOOKUP = MAX_FILTER - 1
+#: Rows a ResolvedSource reads and looks up before the run takes them.
+AHEAD_ROWS = 16 * MAX_FILTER
+#: customers/getAll a ResolvedSource has in flight at once (each a slot of the token's limiter).
+PARALLEL_LOOKUPS = 3
 #: Candidate Ids or codes quoted in a rejection.
 MAX_QUOTED = 5
 
@@ -260,13 +273,30 @@ _CLEAN = {
 }
 
 
+class LookupsStopped(Exception):
+    """Internal: the run is stopping; no look-up request is sent any more."""
+
+
+#: The name fields looked up with customers/getAll, and the record field each is matched on.
+_GUEST_FIELDS = {"AccountEmail": "Email", "AccountLoyaltyCode": "LoyaltyCode"}
+
+#: One fed chunk: its rows (Id columns appended) and the (name field, key) pairs it names.
+_Pending = tuple[list[tuple[Any, ...]], set[tuple[str, str]]]
+
+
 @dataclass
 class NameResolver:
-    """Fills a group of rows' Id columns from their names, asking Mews only what it has not asked.
+    """Fills rows' Id columns from their names, asking Mews only what it has not asked.
 
-    Guests: one ``customers/getAll`` per 1000 distinct names of a group, every page followed;
-    kept for the run with ``remember`` (a mirror reads its source twice), else for the group.
-    Programmes by ``Codes`` and tiers by programme: once per run. ``lookups`` counts the requests.
+    Guests: rows are fed in order (:meth:`feed`, then :meth:`drain` at the end); their names
+    queue up, and each ``customers/getAll`` asks the next :data:`NAMES_PER_LOOKUP` (999)
+    distinct names, whatever chunk or group they came from, every page followed. A chunk comes
+    back resolved once all its names were asked. E-mails are sent as the source wrote them
+    (trimmed) and compared case-insensitively; an e-mail with capitals that found no profile
+    is asked once more in lower case (a server that compares e-mails case-sensitively finds a
+    profile stored in lower case too). Names are kept while a fed chunk still needs them, or
+    for the run with ``remember`` (a mirror reads its source twice). Programmes by ``Codes`` and
+    tiers by programme: once per run. ``lookups`` counts the requests (pages included).
     """
 
     directory: Directory
@@ -274,24 +304,137 @@ class NameResolver:
     chain_id: str | None = None
     remember: bool = False
     lookups: int = 0
-    _guests: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    _guests: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (field, key) -> Ids
+    _asked: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (field, key) -> forms sent
+    _queue: dict[str, dict[str, None]] = field(default_factory=dict)  # field -> forms to send, in order
+    _queued: dict[tuple[str, str], int] = field(default_factory=dict)  # (field, key) -> forms queued
+    _refs: dict[tuple[str, str], int] = field(default_factory=dict)  # fed chunks naming (field, key)
+    _pending: deque[_Pending] = field(default_factory=deque)
     _programs: dict[str, list[str]] = field(default_factory=dict)
     _program_codes: list[str] | None = None  # every programme's code: asked once, for a rejection
     _tiers: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    _cond: threading.Condition = field(default_factory=lambda: threading.Condition(threading.RLock()))
+    _halted: Callable[[], bool] | None = None
+    _pool: ThreadPoolExecutor | None = None  # asks customers/getAll in parallel when started
+    _asking: int = 0  # asks in flight
+    _failed: BaseException | None = None  # an ask's error, raised to the reader
+    _generation: int = 0  # asks of an earlier read of the source are dropped
 
     def resolve(self, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
-        """``rows`` (source rows) with the Id columns appended and filled in."""
-        pad = (None,) * (len(self.plan.names) - self.plan.width)
-        out = [(*row, *pad) for row in rows]
-        if not self.remember:
-            self._guests.clear()
+        """``rows`` (source rows) with the Id columns appended and filled in (feed and drain)."""
+        self.feed(rows)
+        return [row for chunk in self.drain() for row in chunk]
+
+    def feed(self, rows: Sequence[Sequence[Any]], halted: Callable[[], bool] | None = None) -> None:
+        """Take the next chunk of source rows and queue its names; send a request for each
+        NAMES_PER_LOOKUP queued (on the pool when started). :meth:`ready` gives the chunks back.
+
+        ``halted``: checked before every request; once true, :class:`LookupsStopped` is raised."""
+        with self._cond:
+            self._halted = halted
+            pad = (None,) * (len(self.plan.names) - self.plan.width)
+            out = [(*row, *pad) for row in rows]
+            keys: set[tuple[str, str]] = set()
+            for name_field in _GUEST_FIELDS:
+                pos = self.plan.name_at.get(name_field)
+                if pos is None:
+                    continue
+                queue = self._queue.setdefault(name_field, {})
+                for form in dict.fromkeys(clean_code(row[pos]) for row in out):
+                    if form is None:
+                        continue
+                    key = (name_field, _CLEAN[name_field](form) or "")
+                    if key not in keys:
+                        keys.add(key)
+                        self._refs[key] = self._refs.get(key, 0) + 1
+                        self._guests.setdefault(key, [])
+                    if form not in self._asked.get(key, ()) and form not in queue:
+                        self._enqueue(queue, key, form)
+            self._pending.append((out, keys))
+            self._send(final=False)
+
+    def drain(self, halted: Callable[[], bool] | None = None) -> list[list[tuple[Any, ...]]]:
+        """Ask the names still queued; return every chunk left, resolved."""
+        return self.ready(block=True, final=True, halted=halted)
+
+    def ready(
+        self, block: bool = False, final: bool = False, halted: Callable[[], bool] | None = None
+    ) -> list[list[tuple[Any, ...]]]:
+        """The chunks whose names are all answered, resolved, in order. ``block``: wait for one
+        at least (flushing a partial request when nothing else is in flight); ``final``: the
+        source ended, send everything queued and wait for every chunk."""
+        with self._cond:
+            self._halted = halted
+            done: list[list[tuple[Any, ...]]] = []
+            while True:
+                if final or (block and self._asking == 0):
+                    self._send(final=True)
+                done += self._ready()
+                if not self._pending or (not final and (done or not block)):
+                    return done
+                if self._failed is not None:
+                    if done:
+                        return done  # the chunks answered before it; the error on the next call
+                    raise self._failed
+                if halted is not None and halted():
+                    raise LookupsStopped
+                self._cond.wait(0.5)
+
+    def start(self, parallel: int) -> None:
+        """Ask up to ``parallel`` customers/getAll at once, on threads of their own."""
+        self.reset()
+        if parallel > 1:
+            self._pool = ThreadPoolExecutor(parallel, thread_name_prefix="mews-names")
+
+    def shutdown(self) -> None:
+        with self._cond:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def reset(self) -> None:
+        """Forget the chunks fed and not returned (a read of the source that ended early)."""
+        with self._cond:
+            while self._pending:
+                self._release(self._pending.popleft()[1])
+            self._queue.clear()
+            self._queued.clear()
+            self._asking = 0
+            self._failed = None
+            self._generation += 1
+
+    # -- chunks --
+
+    def _ready(self) -> list[list[tuple[Any, ...]]]:
+        done = []
+        while self._pending and not self._waiting(self._pending[0][1]):
+            rows, keys = self._pending.popleft()
+            done.append(self._fill_rows(rows))
+            self._release(keys)
+        return done
+
+    def _waiting(self, keys: set[tuple[str, str]]) -> bool:
+        """Whether a name of the chunk is still to be asked (in any of its forms)."""
+        return any(key in self._queued for key in keys)
+
+    def _release(self, keys: set[tuple[str, str]]) -> None:
+        if self.remember:
+            return
+        for key in keys:
+            left = self._refs.get(key, 0) - 1
+            if left > 0:
+                self._refs[key] = left
+                continue
+            self._refs.pop(key, None)
+            self._guests.pop(key, None)
+            self._asked.pop(key, None)
+
+    def _fill_rows(self, out: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         at = self.plan.name_at
-        self._ask_guests("AccountEmail", self._values(out, "AccountEmail"))
-        self._ask_guests("AccountLoyaltyCode", self._values(out, "AccountLoyaltyCode"))
         self._ask_programs(self._values(out, "LoyaltyProgramCode"))
         for i, row in enumerate(out):
             cells = list(row)
-            guests = [self._guest(f, cells[at[f]]) for f in ("AccountEmail", "AccountLoyaltyCode") if f in at]
+            guests = [self._guest(f, cells[at[f]]) for f in _GUEST_FIELDS if f in at]
             if guests:
                 self._fill(cells, "AccountId", guests)
             if "LoyaltyProgramCode" in at:
@@ -357,33 +500,99 @@ class NameResolver:
 
     # -- Mews --
 
-    def _pages(self, pages: Iterable[list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
-        for page in pages:
-            self.lookups += 1
+    def _pages(
+        self, pages: Iterable[list[dict[str, Any]]], halted: Callable[[], bool] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The records of ``pages``, one request each, none once the run is stopping."""
+        halted = halted or self._halted
+        it = iter(pages)
+        while True:
+            if halted is not None and halted():
+                raise LookupsStopped
+            page = next(it, None)
+            if page is None:
+                return
+            with self._cond:
+                self.lookups += 1
             yield from page
 
     @property
     def _chains(self) -> list[str] | None:
         return [self.chain_id] if self.chain_id else None
 
-    def _ask_guests(self, name_field: str, values: list[str]) -> None:
-        """One customers/getAll per 1000 names not asked yet (more only for further pages)."""
-        missing = [v for v in values if (name_field, v) not in self._guests]
-        record = "Email" if name_field == "AccountEmail" else "LoyaltyCode"
+    def _send(self, final: bool) -> None:
+        """Ask the queued names NAMES_PER_LOOKUP at a time (all of them when ``final``): on the
+        pool when started, else at once. A form stays counted in ``_queued`` until answered."""
+        for name_field, queue in self._queue.items():
+            while len(queue) >= NAMES_PER_LOOKUP or (final and queue):
+                part = list(itertools.islice(queue, NAMES_PER_LOOKUP))
+                clean = _CLEAN[name_field]
+                for form in part:
+                    del queue[form]
+                    key = (name_field, clean(form) or "")
+                    self._asked.setdefault(key, set()).add(form)
+                    self._guests.setdefault(key, [])
+                if self._pool is None:
+                    self._record(name_field, part, self._fetch(name_field, part, self._halted))
+                    continue
+                self._asking += 1
+                self._pool.submit(self._ask, name_field, part, self._halted, self._generation)
+
+    def _ask(
+        self, name_field: str, forms: list[str], halted: Callable[[], bool] | None, generation: int
+    ) -> None:
+        """One ask on a pool thread: the request without the lock, its answer recorded with it."""
+        try:
+            records = self._fetch(name_field, forms, halted)
+        except BaseException as exc:  # any error: raised to the reader by ready()
+            with self._cond:
+                if generation == self._generation:
+                    self._asking -= 1
+                    self._failed = self._failed or exc
+                    self._cond.notify_all()
+            return
+        with self._cond:
+            if generation == self._generation:
+                self._asking -= 1
+                self._record(name_field, forms, records)
+                self._cond.notify_all()
+
+    def _fetch(
+        self, name_field: str, forms: list[str], halted: Callable[[], bool] | None
+    ) -> list[dict[str, Any]]:
+        """One customers/getAll for ``forms``, every page followed."""
+        if name_field == "AccountEmail":
+            pages = self.directory.get_customers(emails=forms, chain_ids=self._chains)
+        else:
+            pages = self.directory.get_customers(loyalty_codes=forms, chain_ids=self._chains)
+        return list(self._pages(pages, halted))
+
+    def _record(self, name_field: str, forms: list[str], records: list[dict[str, Any]]) -> None:
+        """The profiles found for ``forms`` by their key; an e-mail with capitals that found
+        nobody is queued again in lower case."""
         clean = _CLEAN[name_field]
-        for start in range(0, len(missing), MAX_FILTER):
-            part = missing[start : start + MAX_FILTER]
-            for v in part:
-                self._guests[(name_field, v)] = []
+        record = _GUEST_FIELDS[name_field]
+        for customer in records:
+            ids = self._guests.get((name_field, clean(customer.get(record)) or ""))
+            cid = str(customer["Id"]).lower()
+            if ids is not None and cid not in ids:
+                ids.append(cid)
+        queue = self._queue[name_field]
+        for form in forms:
+            key = (name_field, clean(form) or "")
             if name_field == "AccountEmail":
-                pages = self.directory.get_customers(emails=part, chain_ids=self._chains)
+                lower = key[1]
+                if not self._guests.get(key) and lower not in self._asked.get(key, ()) and lower not in queue:
+                    self._enqueue(queue, key, lower)
+            left = self._queued.get(key, 0) - 1
+            if left > 0:
+                self._queued[key] = left
             else:
-                pages = self.directory.get_customers(loyalty_codes=part, chain_ids=self._chains)
-            for customer in self._pages(pages):
-                ids = self._guests.get((name_field, clean(customer.get(record)) or ""))
-                cid = str(customer["Id"]).lower()
-                if ids is not None and cid not in ids:
-                    ids.append(cid)
+                self._queued.pop(key, None)
+
+    def _enqueue(self, queue: dict[str, None], key: tuple[str, str], form: str) -> None:
+        queue[form] = None
+        self._queued[key] = self._queued.get(key, 0) + 1
 
     def _ask_programs(self, codes: list[str]) -> None:
         missing = [c for c in codes if c not in self._programs]
@@ -409,13 +618,14 @@ class NameResolver:
         """The programme's tiers by code, asked once per run and programme."""
         tiers = self._tiers.get(program_id)
         if tiers is None:
-            tiers = self._tiers[program_id] = {}
+            tiers = {}
             for tier in self._pages(
                 self.directory.get_loyalty_tiers(loyalty_program_ids=[program_id], chain_ids=self._chains)
             ):
                 code = clean_code(tier.get("Code"))
                 if code is not None:
                     tiers.setdefault(code, []).append(str(tier["Id"]).lower())
+            self._tiers[program_id] = tiers
         return tiers
 
 
@@ -425,14 +635,28 @@ class NameResolver:
 class ResolvedSource:
     """A run's source whose rows come with their Id columns filled in from their names.
 
-    Rows are resolved in groups of at least ``group_rows`` (whole chunks), so a small
-    ``batch_size`` still costs one guest look-up per 1000 rows.
+    The source is read by the caller's thread, as before; the guests' look-ups run on up to
+    ``parallel`` threads of their own, ahead of the rows the run is sending: up to
+    ``ahead_rows`` rows are read and their names asked before the run takes them, so the next
+    names are looked up while the batches before them are in flight, and the token's budget
+    serves adds and look-ups without a gap. Chunks come out whole and in order; which names
+    go in which request depends only on the source's order, and a row's Ids only on what Mews
+    holds for its names. ``stop`` (the run's event): once set, no look-up request is sent any more
+    and no further chunk is given; a look-up's error is raised to the reader with its chunk.
     """
 
-    def __init__(self, source: Any, resolver: NameResolver, group_rows: int = MAX_FILTER) -> None:
+    def __init__(
+        self,
+        source: Any,
+        resolver: NameResolver,
+        ahead_rows: int = AHEAD_ROWS,
+        parallel: int = PARALLEL_LOOKUPS,
+    ) -> None:
         self.source = source
         self.resolver = resolver
-        self.group_rows = group_rows
+        self.ahead_rows = ahead_rows
+        self.parallel = parallel
+        self.stop: threading.Event | None = None
         self.columns = resolver.plan.names
         self.description = f"{source.description} (members named by {', '.join(resolver.plan.name_at)})"
 
@@ -450,24 +674,37 @@ class ResolvedSource:
         return self.resolver.lookups
 
     def chunks(self) -> Iterator[list[tuple[Any, ...]]]:
-        group: list[Sequence[Sequence[Any]]] = []
-        size = 0
-        for chunk in self.source.chunks():
-            group.append(chunk)
-            size += len(chunk)
-            if size >= self.group_rows:
-                yield from self._resolved(group)
-                group, size = [], 0
-        yield from self._resolved(group)
+        closed = threading.Event()
+        run_stop = self.stop
 
-    def _resolved(self, group: list[Sequence[Sequence[Any]]]) -> Iterator[list[tuple[Any, ...]]]:
-        if not group:
+        def halted() -> bool:
+            return closed.is_set() or (run_stop is not None and run_stop.is_set())
+
+        ahead = 0  # rows handed to the look-ups and not yet given to the run
+        self.resolver.start(self.parallel)
+        try:
+            for chunk in self.source.chunks():
+                if halted():
+                    return
+                self.resolver.feed(chunk, halted)
+                ahead += len(chunk)
+                if ahead < self.ahead_rows:
+                    continue  # read on: the look-ups stay ahead_rows ahead of the run
+                for rows in self.resolver.ready(block=True, halted=halted):
+                    if halted():
+                        return
+                    ahead -= len(rows)
+                    yield rows
+            while resolved := self.resolver.drain(halted):
+                for rows in resolved:
+                    if halted():
+                        return
+                    yield rows
+        except LookupsStopped:
             return
-        rows = self.resolver.resolve([row for chunk in group for row in chunk])
-        start = 0
-        for chunk in group:
-            yield rows[start : start + len(chunk)]
-            start += len(chunk)
+        finally:
+            closed.set()
+            self.resolver.shutdown()
 
     def count(self) -> int | None:
         return self.source.count()  # type: ignore[no-any-return]

@@ -262,6 +262,8 @@ class LoyaltyMembershipAddOperator(BaseOperator):
                         self.log,
                     )
                 self._run = run
+                if isinstance(source, ResolvedSource):
+                    source.stop = run.stop  # its look-ups (ahead of the run) stop with the run
                 summary = run.execute()
         finally:
             self._run = None
@@ -370,8 +372,8 @@ class LoyaltyMembershipAddOperator(BaseOperator):
     ) -> ResolvedSource:
         """The source with its rows' Ids looked up in Mews from their names (loyalty.names)."""
         self.log.info(
-            "Rows name members by %s: their Ids are looked up in Mews (one customers/getAll per 1000 rows, "
-            "programmes and tiers once per run).",
+            "Rows name members by %s: their Ids are looked up in Mews (one customers/getAll per 999 names, "
+            "ahead of the batches in flight; programmes and tiers once per run).",
             ", ".join(names.name_at),
         )
         resolver = NameResolver(hook, names, chain_id=chain_id, remember=self._remember_names)

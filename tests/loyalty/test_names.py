@@ -7,13 +7,17 @@ is all of :mod:`airflow_provider_mews.loyalty.names` and the normalizer it feeds
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
 
+from airflow_provider_mews.exceptions import MewsError
 from airflow_provider_mews.loyalty.batches import build_batch
 from airflow_provider_mews.loyalty.names import (
     Named,
+    NamePlan,
     NameResolver,
     ResolvedSource,
     clean_email,
@@ -31,8 +35,11 @@ T_GOLD, T_BASE = "20000000-0000-4000-8000-000000000001", "20000000-0000-4000-800
 class Directory:
     """Mews's three reads over a few records; ``calls`` logs (operation, filters) per page."""
 
-    def __init__(self, customers: list[dict[str, Any]], page_size: int = 1000) -> None:
+    def __init__(
+        self, customers: list[dict[str, Any]], page_size: int = 1000, case_sensitive: bool = False
+    ) -> None:
         self.customers = customers
+        self.case_sensitive = case_sensitive
         self.programs = [{"Id": GOLD_CLUB, "Code": "GOLDCLUB"}, {"Id": SILVER_CLUB, "Code": "SILVER"}]
         self.tiers = [
             {"Id": T_GOLD, "LoyaltyProgramId": GOLD_CLUB, "Code": "GOLD"},
@@ -52,11 +59,12 @@ class Directory:
 
     def get_customers(self, *, emails: Any = None, loyalty_codes: Any = None, chain_ids: Any = None) -> Any:
         assert (emails is None) != (loyalty_codes is None) and len(emails or loyalty_codes) <= 1000
-        wanted = {e.lower() for e in emails or ()}
+        fold = (lambda e: e) if self.case_sensitive else str.lower
+        wanted = {fold(e) for e in emails or ()}
         found = [
             c
             for c in self.customers
-            if (c.get("Email") or "").lower() in wanted or (c.get("LoyaltyCode") in (loyalty_codes or ()))
+            if fold(c.get("Email") or "") in wanted or (c.get("LoyaltyCode") in (loyalty_codes or ()))
         ]
         return self._pages(
             "customers", found, {"emails": emails, "codes": loyalty_codes, "chains": chain_ids}
@@ -208,7 +216,13 @@ def test_rows_get_their_three_ids_or_the_reason_in_the_id_cell() -> None:
     assert rows[5][5:] == (A1, SILVER_CLUB, None)
     # one look-up of the e-mails, one of the codes, all programmes once (to name them), tiers of GOLDCLUB once
     assert [op for op, _ in d.calls] == ["customers", "programs", "tiers", "programs"]
-    assert d.calls[0][1]["emails"] == ["ann@example.com", "dup@example.com", "nobody@example.com"]
+    # e-mails go as written (trimmed), each spelling once; compared case-insensitively
+    assert d.calls[0][1]["emails"] == [
+        "ann@EXAMPLE.com",
+        "dup@example.com",
+        "nobody@example.com",
+        "ann@example.com",
+    ]
     assert d.calls[0][1]["chains"] == ["c0000000-0000-4000-8000-000000000000"]
     assert r.lookups == len(d.calls)
 
@@ -243,7 +257,7 @@ def test_a_row_whose_id_and_name_disagree_is_rejected_and_an_agreeing_one_kept()
     assert len(rows[0]) == 4  # no column appended: the source's AccountId is the one filled
 
 
-def test_look_ups_cost_one_request_per_1000_names_plus_their_pages() -> None:
+def test_look_ups_cost_one_request_per_999_names_plus_pages_for_duplicates() -> None:
     people = [{"Id": f"00000000-0000-4000-8000-{n:012d}", "Email": f"g{n}@x.com"} for n in range(2500)]
     d = Directory(people)
     source = ListSource(
@@ -256,9 +270,43 @@ def test_look_ups_cost_one_request_per_1000_names_plus_their_pages() -> None:
     assert all(
         row[3] == f"00000000-0000-4000-8000-{n:012d}" for n, row in enumerate(r for c in chunks for r in c)
     )
-    # three groups of 1000 rows (four chunks each): 1000, 1000 and 500 e-mails; the full pages need one more read
-    assert d.count("customers") == 2 + 2 + 1 and d.count("programs") == 1
-    assert resolved.lookups == 6 and resolved.columns == (*source.columns, "AccountId", "LoyaltyProgramId")
+    # 999 names a request, across chunk boundaries: 999 + 999 + 502; each page holds fewer than
+    # its Count (1000), so none needs a second read to prove it was the last
+    asked = [call[1]["emails"] for call in d.calls if call[0] == "customers"]
+    assert [len(a) for a in asked] == [999, 999, 502] and d.count("programs") == 1
+    assert asked[0][0] == "G0@X.com"  # as the source wrote it, trimmed
+    assert resolved.lookups == 4 and resolved.columns == (*source.columns, "AccountId", "LoyaltyProgramId")
+    # a second profile per name: 1998 records for 999 names, a page of 1000 and one of 998
+    twins = people + [{**p, "Id": p["Id"].replace("-8000-", "-9000-")} for p in people]
+    d = Directory(twins)
+    rows = NameResolver(d, plan).resolve([(f"g{n}@x.com", "GOLDCLUB", 1) for n in range(999)])
+    assert d.count("customers") == 2 and all("2 Mews customers" in str(row[3]) for row in rows)
+
+
+def test_e_mails_found_on_a_case_sensitive_server_and_what_it_hides() -> None:
+    guests_ = [
+        {"Id": A1, "Email": "Ann@Example.com"},  # stored mixed case
+        {"Id": A2, "Email": "bob@example.com"},  # stored lower case
+        {"Id": A3, "Email": "Cy@Example.com"},
+    ]
+    rows = [
+        ("Ann@Example.com ", "GOLDCLUB", 1),
+        ("BOB@Example.com", "GOLDCLUB", 1),
+        ("cy@example.com", "GOLDCLUB", 1),
+    ]
+    plan = plan_names(("email", "programme_code", "is_primary"), {"email": "AccountEmail", "programme_code": "LoyaltyProgramCode"})  # fmt: skip
+    sensitive = Directory(guests_, case_sensitive=True)
+    resolved = NameResolver(sensitive, plan).resolve(rows)
+    # as written: found; warehouse capitals, Mews lower case: found by the second, lower-case ask;
+    # warehouse lower case, Mews capitals: a case-sensitive server cannot find it
+    assert resolved[0][3] == A1 and resolved[1][3] == A2
+    assert "no Mews customer with e-mail 'cy@example.com'" in str(resolved[2][3])
+    asked = [call[1]["emails"] for call in sensitive.calls if call[0] == "customers"]
+    assert asked == [["Ann@Example.com", "BOB@Example.com", "cy@example.com"], ["bob@example.com"]]
+    # a server comparing case-insensitively finds them all with the first request alone
+    insensitive = Directory(guests_)
+    resolved = NameResolver(insensitive, plan).resolve(rows)
+    assert [row[3] for row in resolved] == [A1, A2, A3] and insensitive.count("customers") == 1
 
 
 def test_guests_are_asked_again_per_group_unless_remembered_programmes_and_tiers_once_per_run() -> None:
@@ -272,3 +320,68 @@ def test_guests_are_asked_again_per_group_unless_remembered_programmes_and_tiers
     remembering = resolver(d, remember=True)
     assert remembering.resolve(rows) == remembering.resolve(rows)
     assert (d.count("customers"), d.count("programs"), d.count("tiers")) == (1, 1, 1)
+
+
+# -- look-ups ahead of the run --
+
+
+class SlowDirectory(Directory):
+    """A Directory whose customers/getAll takes ``delay`` s, notes its thread, and fails on call ``fail_at``."""
+
+    def __init__(
+        self, customers: list[dict[str, Any]], delay: float = 0.0, fail_at: int | None = None
+    ) -> None:
+        super().__init__(customers)
+        self.delay, self.fail_at = delay, fail_at
+        self.threads: set[str] = set()
+
+    def get_customers(self, **kwargs: Any) -> Any:
+        for page in super().get_customers(**kwargs):
+            self.threads.add(threading.current_thread().name)
+            if self.fail_at is not None and self.count("customers") >= self.fail_at:
+                raise MewsError("HTTP 503 from customers/getAll", status=503, operation="customers/getAll")
+            time.sleep(self.delay)
+            yield page
+
+
+def numbered(n: int, chunk: int = 999) -> tuple[list[dict[str, Any]], ListSource, NamePlan]:
+    people = [{"Id": f"00000000-0000-4000-8000-{i:012d}", "Email": f"g{i}@x.com"} for i in range(n)]
+    source = ListSource([{"email": f"g{i}@x.com", "is_primary": 1} for i in range(n)], chunk)
+    return people, source, plan_names(source.columns, {"email": "AccountEmail"})
+
+
+def test_names_are_looked_up_on_a_thread_of_their_own_ahead_of_the_rows_taken() -> None:
+    people, source, plan = numbered(10 * 999)
+    d = SlowDirectory(people)
+    resolved = ResolvedSource(source, NameResolver(d, plan), ahead_rows=5 * 999)
+    chunks = resolved.chunks()
+    first = next(chunks)
+    time.sleep(0.2)  # the run sends the first batch: the look-up thread goes on meanwhile
+    assert d.threads and all(t.startswith("mews-names") for t in d.threads)
+    assert first[0][-1] == people[0]["Id"]
+    assert d.count("customers") == 5  # the five chunks handed ahead were looked up, no more
+    rest = list(chunks)
+    assert [row[-1] for c in (first, *rest) for row in c] == [p["Id"] for p in people]
+    assert d.count("customers") == 10
+
+
+def test_look_ups_stop_with_the_run_and_their_errors_reach_the_reader() -> None:
+    people, source, plan = numbered(20 * 999)
+    d = SlowDirectory(people, delay=0.05)
+    resolved = ResolvedSource(source, NameResolver(d, plan), ahead_rows=20 * 999)
+    resolved.stop = stop = threading.Event()
+    chunks = resolved.chunks()
+    next(chunks)
+    stop.set()  # the run stops: no further chunk, and no look-up request after those under way
+    asked = d.count("customers")
+    assert list(chunks) == []
+    time.sleep(0.3)
+    assert d.count("customers") <= asked + 3 < 20  # at most the three under way
+
+    people, source, plan = numbered(6 * 999)
+    failing = ResolvedSource(source, NameResolver(SlowDirectory(people, fail_at=4), plan))
+    got = []
+    with pytest.raises(MewsError, match="HTTP 503"):
+        for chunk in failing.chunks():
+            got.append(chunk)
+    assert len(got) == 3  # the chunks resolved before the failing look-up, then its error
