@@ -168,7 +168,16 @@ class BatchResult:
         if self._outcomes is None:
             items, rows = self.batch.items, self.batch.item_rows
             self._outcomes = [
-                Outcome(rows[p], item["AccountId"], item["LoyaltyProgramId"], item.get("Code"), mid, outcome)
+                Outcome(
+                    rows[p],
+                    item["AccountId"],
+                    item["LoyaltyProgramId"],
+                    item.get("Code"),
+                    mid,
+                    outcome,
+                    None,
+                    item.get("LoyaltyTierId"),
+                )
                 for positions, ids, outcome in self._groups
                 for p, mid in zip(positions, ids, strict=True)
                 for item in (items[p],)

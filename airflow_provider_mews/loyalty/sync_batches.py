@@ -357,12 +357,22 @@ def _outcome(r: SyncRow, m: Any, outcome: str, changed: Sequence[str] | None = N
         (m or {}).get("Id"),
         outcome,
         ",".join(changed) if changed else None,
+        r.fields.get("LoyaltyTierId") or (m or {}).get("LoyaltyTierId"),
     )
 
 
 def removal_outcome(m: Mapping[str, Any], outcome: str) -> Outcome:
     """A mirror's removal (``canceled`` or ``deleted``): no source row."""
-    return Outcome(None, m["AccountId"], m["LoyaltyProgramId"], m.get("MembershipNumber"), m["Id"], outcome)
+    return Outcome(
+        None,
+        m["AccountId"],
+        m["LoyaltyProgramId"],
+        m.get("MembershipNumber"),
+        m["Id"],
+        outcome,
+        None,
+        m.get("LoyaltyTierId"),
+    )
 
 
 # -- the mirror's removals --

@@ -147,11 +147,14 @@ def check_first_run(sandbox: MewsSandbox, db: Path, crm: Crm, summary: dict[str,
         m = by_card[f"CARD-{member}"]
         assert (m["AccountId"], m["LoyaltyProgramId"], m["LoyaltyTierId"]) == (account, program, tier), member
     results = read(
-        db, "SELECT source_row, account_id, loyalty_program_id, mews_membership_id, outcome FROM results"
+        db,
+        "SELECT source_row, account_id, loyalty_program_id, loyalty_tier_id, mews_membership_id, outcome "
+        "FROM results",
     )
     assert len(results) == len(crm.expected)
-    for member, account, program, mid, got in results:
-        assert (account, program, got) == (*crm.expected[member][:2], outcome)
+    for member, account, program, tier, mid, got in results:
+        # The results say which guest, programme and tier each row's names resolved to.
+        assert (account, program, tier, got) == (*crm.expected[member], outcome)
         assert by_card[f"CARD-{member}"]["Id"] == mid
     rejections = dict(read(db, "SELECT source_row, reason FROM rejections"))
     assert set(rejections) == set(crm.reasons)
