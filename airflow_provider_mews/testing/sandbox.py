@@ -499,9 +499,9 @@ class SandboxState:
         version = (getattr(stamps, "version", -1), len(self.order))
         cached = self._spans.get(key)
         if cached is None or cached[0] != version or version[0] < 0:
-            times = [stamps[i] for i in self.order]
-            ordered = all(a <= b for a, b in itertools.pairwise(times))
-            cached = self._spans[key] = (version, times if ordered else None)
+            stamped = [stamps[i] for i in self.order]
+            ordered = all(a <= b for a, b in itertools.pairwise(stamped))
+            cached = self._spans[key] = (version, stamped if ordered else None)
         times = cached[1]
         if times is None:
             return None
