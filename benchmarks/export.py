@@ -4,11 +4,14 @@ sandbox at Mews's rate limit (200 requests / 30 s).
 For each size (10 000 and 1 000 000 memberships by default) and each repeat, a sandbox
 subprocess is seeded with that many memberships on the UTC midnights of 2025 (many on the
 3-month slice boundaries) and serves them rate-limited; a second subprocess runs the operator
-(``updated_utc`` = the year, 4 slices read by 4 threads, upserted in chunks of 5000) and
-reports its wall time and peak RSS. Measured:
+(``updated_utc`` = the year, cut into 8 slices of 45 d 15 h read by 8 threads, the 7 boundary
+reads beside them, upserted in chunks of 5000) and reports its wall time and peak RSS, with
+the load average before and after each run. Measured:
 
 - ``share_of_ceiling``: records per second / the token's ceiling (200 / 30 s x 1000 records per
-  request = 6 667 records/s). Target: at least 0.90;
+  request = 6 667 records/s), the wall time from ``execute`` to its return. Target: at least
+  0.90. The client's limiter sends at most 20 requests per 3.3 s while the rate is whole
+  (rate_limit/gcra.py, FRONT_MARGIN), 0.909 of the token's rate: the share cannot exceed it;
 - ``peak_rss_mb``: the exporting process's peak resident memory; the 1 000 000-record run must
   stay within 100 MB of the 10 000-record run (flat memory).
 
@@ -87,6 +90,7 @@ def export(url: str, db: str) -> None:
 
 
 def one_run(count: int) -> dict[str, object]:
+    load_before = os.getloadavg()[0]
     env = {**os.environ, "MEWS_RATE_LIMIT_DIR": tempfile.mkdtemp(prefix="mews-bench-limit-")}
     server = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.export", "--serve", str(count)],
@@ -115,6 +119,7 @@ def one_run(count: int) -> dict[str, object]:
         "records_per_s": round(rate),
         "share_of_ceiling": round(rate / CEILING, 3),
         "complete": records == count,
+        "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import itertools
 import json
 import queue
 import random
@@ -143,9 +144,11 @@ def _utc_datetime(value: datetime | str, name: str) -> datetime:
 
 
 def time_slices(
-    start: datetime | str, end: datetime | str, months: int = MAX_INTERVAL_MONTHS
+    start: datetime | str, end: datetime | str, months: int = MAX_INTERVAL_MONTHS, parts: int = 1
 ) -> list[tuple[datetime, datetime]]:
-    """``start``..``end`` as consecutive slices of at most ``months`` calendar months each.
+    """``start``..``end`` as consecutive slices of equal length, each within ``months`` calendar
+    months: ``parts`` of them, or more when the range needs more (a year in 3 months: 5, as 91
+    days can exceed 3 calendar months). The cuts are on whole seconds.
 
     Each slice starts where the previous one ended (the boundary instant belongs to both: see
     :meth:`MewsConnectorHook.paginate_range` for how records stamped on it are read once).
@@ -157,13 +160,38 @@ def time_slices(
         raise MewsConfigurationError(
             f"the time range ends ({high.isoformat()}) before it starts ({low.isoformat()})"
         )
-    slices: list[tuple[datetime, datetime]] = []
-    cursor = low
-    while cursor < high:
-        upper = min(_plus_months(cursor, months), high)
-        slices.append((cursor, upper))
-        cursor = upper
-    return slices or [(low, high)]
+    if high == low:
+        return [(low, high)]
+    count = max(1, parts)
+    while True:
+        edges = [low]
+        for k in range(1, count):
+            cut = low + (high - low) * k / count
+            whole = cut.replace(microsecond=0)
+            edges.append(whole if edges[-1] < whole else cut)
+        edges.append(high)
+        pieces = list(itertools.pairwise(edges))
+        if all(a < b <= _plus_months(a, months) for a, b in pieces):
+            return pieces
+        count += 1
+
+
+#: The shortest slice :meth:`MewsConnectorHook.paginate_range` cuts to read a range in parallel.
+MIN_PARALLEL_SLICE_S = 86400.0
+
+
+def slice_count(start: datetime, end: datetime, months: int, workers: int) -> int:
+    """How many slices to read ``start``..``end`` in: enough for ``workers`` cursor chains at once
+    (a chain's pages are sequential, so one chain moves at one page per answer's latency),
+    but none shorter than a day (a nightly interval stays one slice: each extra slice costs a
+    ``[b, b]`` read and a last, short page), and a multiple of ``workers`` once more slices
+    than workers are needed, so no chain is left to finish alone."""
+    span = (end - start).total_seconds()
+    wanted = max(1, min(workers, int(span // MIN_PARALLEL_SLICE_S)))
+    needed = len(time_slices(start, end, months, wanted))
+    if needed > workers:
+        needed = -(-needed // workers) * workers
+    return needed
 
 
 def _interval_body(start: datetime, end: datetime) -> dict[str, str]:
@@ -174,6 +202,14 @@ def _interval_body(start: datetime, end: datetime) -> dict[str, str]:
         return (text[:-7] if text.endswith(".000000") else text) + "Z"
 
     return {"StartUtc": iso(start), "EndUtc": iso(end)}
+
+
+class _Boundary:
+    """The ``[b, b]`` read of one slice boundary: its body, and set once its records are known."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.read = threading.Event()
 
 
 class _Stopped(Exception):
@@ -878,26 +914,33 @@ class MewsConnectorHook(BaseHook):
         result_key: str | None = None,
         page_size: int = 1000,
         max_interval_months: int = MAX_INTERVAL_MONTHS,
-        max_workers: int = 4,
+        max_workers: int = 8,
         queue_pages: int = 8,
     ) -> Iterator[list[dict[str, Any]]]:
         """Yield the pages of a getAll over ``start``..``end`` of ``time_filter``, however long.
 
         Mews refuses a time filter longer than 3 months, so the range is read as consecutive
-        slices of at most ``max_interval_months`` calendar months (:func:`time_slices`), each
-        paged with :meth:`paginate`. Whether Mews treats an interval's ends as inclusive is not
-        documented, so a record stamped exactly on the instant ``b`` where one slice ends and
-        the next starts may come back from both, or from one. To read it exactly once without
-        remembering every Id: first, one extra read of the zero-length interval ``[b, b]`` per
-        boundary returns exactly the records stamped at ``b``; they are yielded from it, and
-        both neighbouring slices skip their Ids. Memory holds only those Ids (the records on
-        the boundary instants), never the Ids of the whole range. A server that answers
-        ``[b, b]`` with nothing is one with half-open intervals, where no record is in two slices.
+        slices of equal length within ``max_interval_months`` calendar months each
+        (:func:`time_slices`), each paged with :meth:`paginate`. A slice's pages form one chain
+        (each answer's ``Cursor`` is needed for the next request), so one slice moves at one page
+        per answer's latency; a range of at least two days is therefore cut into at least
+        ``max_workers`` slices (none shorter than a day, :func:`slice_count`), enough chains at
+        once to keep the token's limiter busy. A nightly interval stays one slice.
 
-        Slices are read by up to ``max_workers`` threads at once (every page under the token's
-        shared limiter, retried like any read); their pages come out as they arrive, in no
-        particular order, through a queue of at most ``queue_pages`` pages: a slow consumer
-        holds the readers back instead of letting pages pile up in memory. Closing the
+        Whether Mews treats an interval's ends as inclusive is not documented, so a record
+        stamped exactly on the instant ``b`` where one slice ends and the next starts may come
+        back from both, or from one. To read it exactly once without remembering every Id: one
+        extra read of the zero-length interval ``[b, b]`` per boundary returns exactly the
+        records stamped at ``b``; they are yielded from it, and both neighbouring slices skip
+        their Ids (a slice fetches its first page beside those reads, and waits for the two at
+        its ends before handing any page on). Memory holds only those Ids (the records on the
+        boundary instants), never the Ids of the whole range. A server that answers ``[b, b]``
+        with nothing is one with half-open intervals, where no record is in two slices.
+
+        Boundaries and slices are read by up to ``max_workers`` threads at once (every page
+        under the token's shared limiter, retried like any read); their pages come out as they
+        arrive, in no particular order, through a queue of at most ``queue_pages`` pages: a slow
+        consumer holds the readers back instead of letting pages pile up in memory. Closing the
         iterator early stops the readers.
         """
         if time_filter not in ("CreatedUtc", "UpdatedUtc", "DeletedUtc"):
@@ -906,50 +949,94 @@ class MewsConnectorHook(BaseHook):
             )
         if max_workers < 1 or queue_pages < 1:
             raise MewsConfigurationError("max_workers and queue_pages must be at least 1")
-        slices = time_slices(start, end, max_interval_months)
+        low, high = _utc_datetime(start, "start"), _utc_datetime(end, "end")
+        parts = slice_count(low, high, max_interval_months, max_workers) if high > low else 1
+        slices = time_slices(low, high, max_interval_months, parts)
         base = dict(body or {})
 
         def sliced(low: datetime, high: datetime) -> dict[str, Any]:
             return {**base, time_filter: _interval_body(low, high)}
 
-        on_boundary: set[str] = set()
-        for _, boundary in slices[:-1]:
-            for page in self.paginate(
-                operation, sliced(boundary, boundary), result_key=result_key, page_size=page_size
-            ):
-                fresh = [r for r in page if _record_id(r) not in on_boundary]
-                on_boundary.update(_record_id(r) for r in fresh)
-                if fresh:
-                    yield fresh
-        if on_boundary:
-            self.log.info("%d records stamped exactly on a slice boundary were read once", len(on_boundary))
-        if len(slices) == 1 or max_workers == 1:
-            for low, high in slices:
-                for page in self.paginate(
-                    operation, sliced(low, high), result_key=result_key, page_size=page_size
-                ):
-                    kept = [r for r in page if _record_id(r) not in on_boundary] if on_boundary else page
-                    if kept:
-                        yield kept
+        if len(slices) == 1:
+            yield from self.paginate(
+                operation, sliced(*slices[0]), result_key=result_key, page_size=page_size
+            )
+            return
+        boundaries = [_Boundary(sliced(b, b)) for _, b in slices[:-1]]
+        if max_workers == 1:
+            yield from self._read_slices_in_order(
+                operation, slices, boundaries, sliced, result_key, page_size
+            )
             return
         yield from self._read_slices_in_threads(
-            operation, [sliced(low, high) for low, high in slices], on_boundary, result_key, page_size,
-            min(max_workers, len(slices)), queue_pages,
+            operation, [sliced(low, high) for low, high in slices], boundaries, result_key, page_size,
+            min(max_workers, len(slices) + len(boundaries)), queue_pages,
         )  # fmt: skip
+
+    def _read_boundary(
+        self,
+        operation: str,
+        boundary: _Boundary,
+        seen: set[str],
+        lock: threading.Lock,
+        result_key: str | None,
+        page_size: int,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The records stamped exactly on one boundary, each Id once across all boundaries."""
+        for page in self.paginate(operation, boundary.body, result_key=result_key, page_size=page_size):
+            with lock:
+                fresh = [r for r in page if _record_id(r) not in seen]
+                seen.update(_record_id(r) for r in fresh)
+            if fresh:
+                yield fresh
+
+    def _read_slices_in_order(
+        self,
+        operation: str,
+        slices: list[tuple[datetime, datetime]],
+        boundaries: list[_Boundary],
+        sliced: Any,
+        result_key: str | None,
+        page_size: int,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """One thread: the boundaries, then the slices, skipping the Ids on the boundaries."""
+        seen: set[str] = set()
+        lock = threading.Lock()
+        for boundary in boundaries:
+            yield from self._read_boundary(operation, boundary, seen, lock, result_key, page_size)
+        if seen:
+            self.log.info("%d records stamped exactly on a slice boundary were read once", len(seen))
+        for low, high in slices:
+            for page in self.paginate(
+                operation, sliced(low, high), result_key=result_key, page_size=page_size
+            ):
+                kept = [r for r in page if _record_id(r) not in seen] if seen else page
+                if kept:
+                    yield kept
 
     def _read_slices_in_threads(
         self,
         operation: str,
         bodies: list[dict[str, Any]],
-        skip: set[str],
+        boundaries: list[_Boundary],
         result_key: str | None,
         page_size: int,
         workers: int,
         queue_pages: int,
     ) -> Iterator[list[dict[str, Any]]]:
-        todo: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        for body in bodies:
-            todo.put(body)
+        """Boundaries and slices as one queue of tasks for ``workers`` threads, boundaries first.
+
+        The ``[b, b]`` reads run at once, beside the slices' first pages rather than before
+        them: a slice fetches its first page, then waits for the boundaries at its two ends
+        (needed to drop their Ids) before handing it on. No deadlock: every boundary task is
+        taken before any slice task (one FIFO queue) and a boundary task waits for no task."""
+        todo: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        for boundary in boundaries:
+            todo.put((-1, boundary))
+        for n, body in enumerate(bodies):
+            todo.put((n, body))
+        seen: set[str] = set()
+        seen_lock = threading.Lock()
         out: queue.Queue[Any] = queue.Queue(maxsize=queue_pages)
         stop = threading.Event()
         done = object()
@@ -963,19 +1050,39 @@ class MewsConnectorHook(BaseHook):
                     continue
             raise _Stopped
 
+        def wait_for(ends: list[_Boundary]) -> None:
+            for boundary in ends:
+                while not boundary.read.wait(0.2):
+                    if stop.is_set():
+                        raise _Stopped
+
+        def read_slice(n: int, body: dict[str, Any]) -> None:
+            ends = boundaries[max(0, n - 1) : n + 1]  # the boundaries at its start and its end
+            pages = self.paginate(operation, body, result_key=result_key, page_size=page_size)
+            for count, page in enumerate(pages):
+                if count == 0:
+                    wait_for(ends)
+                kept = [r for r in page if _record_id(r) not in seen] if seen else page
+                if kept:
+                    put(kept)
+                if stop.is_set():
+                    raise _Stopped
+
         def read() -> None:
             try:
                 while not stop.is_set():
                     try:
-                        body = todo.get_nowait()
+                        n, task = todo.get_nowait()
                     except queue.Empty:
                         break
-                    for page in self.paginate(operation, body, result_key=result_key, page_size=page_size):
-                        kept = [r for r in page if _record_id(r) not in skip] if skip else page
-                        if kept:
-                            put(kept)
-                        if stop.is_set():
-                            raise _Stopped
+                    if n < 0:
+                        for page in self._read_boundary(
+                            operation, task, seen, seen_lock, result_key, page_size
+                        ):
+                            put(page)
+                        task.read.set()
+                    else:
+                        read_slice(n, task)
                 put(done)
             except _Stopped:
                 pass
@@ -1000,6 +1107,8 @@ class MewsConnectorHook(BaseHook):
             stop.set()
             for thread in threads:
                 thread.join()
+        if seen:
+            self.log.info("%d records stamped exactly on a slice boundary were read once", len(seen))
 
     def test_connection(self) -> tuple[bool, str]:
         """One cheap authenticated call; used by the UI's Test button and `airflow connections test`."""

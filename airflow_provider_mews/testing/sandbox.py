@@ -31,6 +31,7 @@ without ``Value`` (``{}``) keeps the value; deleted memberships stay readable th
 from __future__ import annotations
 
 import argparse
+import bisect
 import calendar
 import copy
 import itertools
@@ -421,14 +422,36 @@ class _Table:
             part.clear()
 
 
+class _Stamps(dict):  # type: ignore[type-arg]
+    """Id -> time of one time filter; ``version`` changes with every write, so an index built
+    from it (:meth:`SandboxState.span`) knows when it is stale, whoever writes (tests do too)."""
+
+    version = 0
+
+    def __setitem__(self, key: str, value: float) -> None:
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.version += 1
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        self.version += 1
+        super().clear()
+
+
 class SandboxState:
     """Memberships, the seeded customers, programmes and tiers, and counters; thread-safe."""
 
     def __init__(self, state_file: str | None = None) -> None:
         self.lock = threading.Lock()
         self.memberships: dict[str, dict[str, Any]] = {}
-        self.created_at: dict[str, float] = {}
-        self.updated_at: dict[str, float] = {}
+        self.created_at: dict[str, float] = _Stamps()
+        self.updated_at: dict[str, float] = _Stamps()
+        #: Per time filter: ((version, count), the times in insertion order) when they never
+        #: decrease along it (seeded in time order), else None: see :meth:`span`.
+        self._spans: dict[str, tuple[tuple[int, int], list[float] | None]] = {}
         #: One entry per API request (see ``MewsSandbox.log_request``); bounded by ``request_log_size``.
         self.log: deque[dict[str, Any]] = deque()
         self.order: list[str] = []
@@ -461,6 +484,36 @@ class SandboxState:
                             self._index(record["m"], record["t"])
         except FileNotFoundError:
             pass
+
+    def span(
+        self, key: str, bounds: tuple[float | None, float | None], end_inclusive: bool
+    ) -> tuple[int, int] | None:
+        """Positions ``first..last`` (in insertion order) outside which no membership's ``key``
+        time is within ``bounds``, found by bisection, or None when the times are not in
+        insertion order (then the caller walks everything). Callers hold ``lock``.
+
+        A seeded store of a million memberships otherwise walks from the first membership on
+        every time-filtered page (a slice's first page, its last one, each ``[b, b]`` read),
+        holding the lock for seconds while every other request waits."""
+        stamps = self.created_at if key == "CreatedUtc" else self.updated_at
+        version = (getattr(stamps, "version", -1), len(self.order))
+        cached = self._spans.get(key)
+        if cached is None or cached[0] != version or version[0] < 0:
+            stamped = [stamps[i] for i in self.order]
+            ordered = all(a <= b for a, b in itertools.pairwise(stamped))
+            cached = self._spans[key] = (version, stamped if ordered else None)
+        times = cached[1]
+        if times is None:
+            return None
+        low, high = bounds
+        first = 0 if low is None else bisect.bisect_left(times, low)
+        if high is None:
+            last = len(times)
+        elif end_inclusive or low == high:
+            last = bisect.bisect_right(times, high)
+        else:
+            last = bisect.bisect_left(times, high)
+        return first, max(first, last)
 
     def _index(self, membership: dict[str, Any], created: float) -> None:
         mid = membership["Id"]
@@ -1202,6 +1255,14 @@ class MewsSandbox:
             if not started and ids is st.order and cursor in st.position:
                 ids = itertools.islice(st.order, st.position[cursor] + 1, None)  # no walk from the start
                 started = True
+            if started and bounds and (accounts is None and wanted_ids is None):
+                # Only the positions whose time can be within the filter (a bisection of the
+                # times when they follow insertion order): no walk over the whole store.
+                key, interval = next(iter(bounds.items()))
+                span = st.span(key, interval, inclusive)
+                if span is not None:
+                    after = st.position[cursor] + 1 if cursor is not None else 0
+                    ids = itertools.islice(st.order, max(span[0], after), span[1])
             page: list[dict[str, Any]] = []
             for mid in ids:
                 if not started:

@@ -70,11 +70,16 @@ OPERATIONS: dict[str, Operation] = {
 }
 
 
+#: ``json.dumps(value, ensure_ascii=False, separators=(",", ":"))`` without building an encoder per
+#: call (a million records carry a few million nested values).
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def cell(value: Any) -> str | None:
     """A Mews value as the table stores it: text, JSON text for anything not a string, NULL for null."""
     if value is None or isinstance(value, str):
         return value
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODE(value)
 
 
 class MewsExportBaseOperator(BaseOperator):
@@ -97,7 +102,7 @@ class MewsExportBaseOperator(BaseOperator):
         include_deleted: bool = True,
         chunk_size: int = 5000,
         page_size: int = 1000,
-        max_workers: int = 4,
+        max_workers: int = 8,
         max_interval_months: int = MAX_INTERVAL_MONTHS,
         **kwargs: Any,
     ) -> None:
@@ -251,7 +256,8 @@ class MewsToSqlOperator(MewsExportBaseOperator):
         ``"ignore"`` or ``"fail"``.
     :param chunk_size: records per upsert transaction.
     :param page_size: records per request (Mews's maximum is 1000).
-    :param max_workers: slices read at once (all under the token's rate limiter).
+    :param max_workers: slices read at once (all under the token's rate limiter); a range of two
+        days or more is cut into at least this many slices, so enough cursor chains run at once.
     :param max_interval_months: the longest slice, in calendar months (Mews: 3).
     """
 
@@ -422,7 +428,7 @@ class TableWriter:
         for record in chunk:  # one row per Id in one statement (the last version wins)
             by_id[str(record["Id"]).lower()] = record
         names = self.columns
-        rows = [tuple(cell(record.get(name)) for name in names) for record in by_id.values()]
+        rows = [tuple([cell(record.get(name)) for name in names]) for record in by_id.values()]
         quoted = [self.q(n) for n in names]
         if self.dialect in UPSERT_DIALECTS:
             self.hook.insert_rows(

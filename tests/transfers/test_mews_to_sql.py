@@ -162,13 +162,20 @@ def run(run_dag, db: Database, dag_id: str, start: datetime, end: datetime | Non
 
 
 def test_a_year_through_the_3_month_limit_equals_the_sandbox(run_dag, mews, db):
+    from airflow_provider_mews.hooks.mews import slice_count, time_slices
+
     ids = mews.seed_memberships(4000, start_utc=YEAR_START, end_utc=YEAR_END)
+    # The slices the hook cuts (8 for 4 workers), and 20 memberships stamped on each boundary.
+    slices = time_slices(YEAR_START, YEAR_END, 3, slice_count(YEAR_START, YEAR_END, 3, 4))
+    for _, boundary in slices[:-1]:
+        ids += mews.seed_memberships(20, created_utc=boundary)
     dr = run(run_dag, db, "t_export_year", YEAR_START, YEAR_END)
     assert dr.state == "success"
     assert table_view(db) == mews_view(mews, ids)
     # The year was read as slices of at most 3 months (the sandbox refuses longer ones, with 400).
     intervals = [e["filters"]["UpdatedUtc"] for e in mews.request_log("loyaltyMemberships/getAll")]
-    assert {i["StartUtc"][:10] for i in intervals} >= {"2025-01-01", "2025-04-01", "2025-07-01", "2025-10-01"}
+    starts = {i["StartUtc"] for i in intervals if i["StartUtc"] != i["EndUtc"]}
+    assert len(slices) == 8 and starts == {low.strftime("%Y-%m-%dT%H:%M:%SZ") for low, _ in slices}
 
 
 def test_a_later_interval_run_twice_leaves_the_table_equal_to_mews(run_dag, mews, db, mews_sandbox):
