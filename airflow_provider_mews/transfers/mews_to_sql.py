@@ -172,8 +172,21 @@ class MewsExportBaseOperator(BaseOperator):
             return name, low, high or datetime.now(timezone.utc)
         return None
 
+    _hook: MewsConnectorHook | None = None
+
+    def on_kill(self) -> None:
+        """Airflow's task runner calls this on SIGTERM ("mark failed", a cleared task, a worker
+        shutdown; SIGKILL follows 5 s later) and after ``execution_timeout``. It runs in a signal
+        handler, so it only sets the hook's ``abort``: no further page is asked for, waits for the
+        limiter end, and the readers' error ends ``execute`` once the pages on the wire answer.
+        What was written stays (rows are upserted by ``Id``); the next try reads the range again."""
+        hook = self._hook
+        if hook is not None:
+            hook.abort.set()
+
     def _connect(self) -> MewsConnectorHook:
         hook = MewsConnectorHook(self.mews_conn_id, pool_size=max(16, self.max_workers + 2))
+        self._hook = hook
         try:
             hook.settings  # noqa: B018 - validate the connection before reading anything
         except MewsConfigurationError as exc:
