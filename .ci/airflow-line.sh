@@ -23,7 +23,8 @@ mkdir -p "$ARTIFACTS"
 # against Airflow 3.3: its task state store, conn-fields form, asset events, OpenLineage and task
 # supervisor); on each line .ci/airflow-line-e2e.py runs the operator, the form and the connection
 # test instead. A listed file that is missing fails the leg (a move must update this list).
-TESTS=(tests/hooks/test_hook.py tests/loyalty/test_normalize.py tests/test_sandbox.py tests/loyalty/test_batches.py)
+TESTS=(tests/hooks/test_hook.py tests/loyalty/test_normalize.py tests/testing/test_sandbox.py tests/loyalty/test_batches.py
+  tests/loyalty/test_names.py tests/transfers/test_export_slices.py)
 # test_smoke_examples runs an example DAG with dag.test(), which on 3.0 refuses the operator's
 # (unregistered) asset outlet; on 3.0 the e2e runs the example DAG after `airflow dags reserialize`.
 [ "$LINE" = 3.0 ] || TESTS+=(tests/test_smoke_examples.py)

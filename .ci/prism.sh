@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stoplight Prism, the independent OpenAPI validator of tests/test_conformance.py (a validating
+# Stoplight Prism, the independent OpenAPI validator of tests/testing/test_conformance.py (a validating
 # proxy in front of the sandbox), from npm into .tools/prism/ (no root needed; node and npm are).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -60,6 +60,11 @@ class MewsError(Exception):
         return " | ".join(parts)
 
 
+class MewsCallStopped(MewsError):
+    """The task is stopping (``on_kill``: SIGTERM, ``execution_timeout``): the call was not
+    sent, or its retry was abandoned before re-sending; nothing of it reached Mews."""
+
+
 class MewsConfigurationError(MewsError):
     """The Airflow connection or an argument is wrong; nothing was sent."""
 

@@ -88,6 +88,13 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_mews.operators.loyalty_memberships"],
             }
         ],
+        "transfers": [
+            {
+                "source-integration-name": "Mews",
+                "target-integration-name": "Common SQL",
+                "python-module": "airflow_provider_mews.transfers.mews_to_sql",
+            }
+        ],
         "connection-types": [
             {
                 "hook-class-name": HOOK_CLASS,

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -119,9 +119,14 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def sandbox(
-    workdir: Path, latency_s: float = 0.0, getall_latency_s: float = 0.0, rate: str = "200/30"
+    workdir: Path,
+    latency_s: float = 0.0,
+    getall_latency_s: float = 0.0,
+    rate: str = "200/30",
+    extra: Sequence[str] = (),
 ) -> Iterator[str]:
-    """``python -m airflow_provider_mews.testing.sandbox`` on a free port; yields its URL."""
+    """``python -m airflow_provider_mews.testing.sandbox`` on a free port (``extra``: more flags,
+    e.g. seeding); yields its URL."""
     port = _free_port()
     command = [
         sys.executable,
@@ -135,6 +140,7 @@ def sandbox(
         str(getall_latency_s),
         "--rate-limit",
         rate,
+        *extra,
     ]
     with open(workdir / "sandbox.log", "ab") as err:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)

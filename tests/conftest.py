@@ -50,7 +50,7 @@ os.environ["AIRFLOW_HOME"] = str(SESSION_DIR / "airflow")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_DIR)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__TEST_CONNECTION"] = "Enabled"
-# The OpenLineage listener (dev extra) only where a test turns it on (tests/test_lineage.py):
+# The OpenLineage listener (dev extra) only where a test turns it on (tests/operators/test_lineage.py):
 # elsewhere it would fork and emit events for every task of every test.
 os.environ.setdefault("AIRFLOW__OPENLINEAGE__DISABLED", "True")
 # The rate limiter's per-user state (shared by processes on the token): one per test session.

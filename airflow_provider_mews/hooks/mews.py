@@ -8,13 +8,17 @@ requests themselves.
 
 from __future__ import annotations
 
+import calendar
+import contextlib
+import itertools
 import json
+import queue
 import random
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
@@ -22,6 +26,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from airflow_provider_mews.exceptions import (
+    MewsCallStopped,
     MewsConfigurationError,
     MewsConnectionError,
     MewsError,
@@ -72,6 +77,7 @@ __all__ = [
     "MewsSettings",
     "parse_retry_after",
     "settings_from_connection",
+    "time_slices",
     "validate_uuid",
 ]
 
@@ -107,6 +113,115 @@ def _result_list(answer: Any, key: str | None, operation: str) -> list[dict[str,
     if not isinstance(page, list):
         raise MewsResponseError(f"getAll answer has no {key} list", operation=operation)
     return page
+
+
+#: The longest time filter (``CreatedUtc``, ``UpdatedUtc``, ``DeletedUtc``) a getAll accepts.
+MAX_INTERVAL_MONTHS = 3
+
+
+def _plus_months(moment: datetime, months: int) -> datetime:
+    """``moment`` shifted by calendar months, the day clamped to the month's last (Nov 30 + 3 = Feb 28)."""
+    index = moment.month - 1 + months
+    year, month = moment.year + index // 12, index % 12 + 1
+    return moment.replace(year=year, month=month, day=min(moment.day, calendar.monthrange(year, month)[1]))
+
+
+def _utc_datetime(value: datetime | str, name: str) -> datetime:
+    """An aware UTC datetime from a datetime (naive = UTC) or an ISO 8601 string (a rendered template)."""
+    if isinstance(value, str):
+        import pendulum
+
+        try:
+            value = pendulum.parse(value)  # type: ignore[assignment]
+        except Exception:
+            raise MewsConfigurationError(f"{name}: {value!r} is not an ISO 8601 date-time") from None
+    if not isinstance(value, datetime):
+        raise MewsConfigurationError(f"{name}: a datetime or an ISO 8601 string is required, got {value!r}")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    value = value.astimezone(timezone.utc)
+    return datetime(*value.timetuple()[:6], value.microsecond, tzinfo=timezone.utc)  # plain, not pendulum
+
+
+def time_slices(
+    start: datetime | str, end: datetime | str, months: int = MAX_INTERVAL_MONTHS, parts: int = 1
+) -> list[tuple[datetime, datetime]]:
+    """``start``..``end`` as consecutive slices of equal length, each within ``months`` calendar
+    months: ``parts`` of them, or more when the range needs more (a year in 3 months: 5, as 91
+    days can exceed 3 calendar months). The cuts are on whole seconds.
+
+    Each slice starts where the previous one ended (the boundary instant belongs to both: see
+    :meth:`MewsConnectorHook.paginate_range` for how records stamped on it are read once).
+    ``start == end`` gives the one zero-length slice."""
+    if months < 1:
+        raise MewsConfigurationError(f"months must be at least 1, got {months}")
+    low, high = _utc_datetime(start, "start"), _utc_datetime(end, "end")
+    if high < low:
+        raise MewsConfigurationError(
+            f"the time range ends ({high.isoformat()}) before it starts ({low.isoformat()})"
+        )
+    if high == low:
+        return [(low, high)]
+    count = max(1, parts)
+    while True:
+        edges = [low]
+        for k in range(1, count):
+            cut = low + (high - low) * k / count
+            whole = cut.replace(microsecond=0)
+            edges.append(whole if edges[-1] < whole else cut)
+        edges.append(high)
+        pieces = list(itertools.pairwise(edges))
+        if all(a < b <= _plus_months(a, months) for a, b in pieces):
+            return pieces
+        count += 1
+
+
+#: The shortest slice :meth:`MewsConnectorHook.paginate_range` cuts to read a range in parallel.
+MIN_PARALLEL_SLICE_S = 86400.0
+
+
+def slice_count(start: datetime, end: datetime, months: int, workers: int) -> int:
+    """How many slices to read ``start``..``end`` in: enough for ``workers`` cursor chains at once
+    (a chain's pages are sequential, so one chain moves at one page per answer's latency),
+    but none shorter than a day (a nightly interval stays one slice: each extra slice costs a
+    ``[b, b]`` read and a last, short page), and a multiple of ``workers`` once more slices
+    than workers are needed, so no chain is left to finish alone."""
+    span = (end - start).total_seconds()
+    wanted = max(1, min(workers, int(span // MIN_PARALLEL_SLICE_S)))
+    needed = len(time_slices(start, end, months, wanted))
+    if needed > workers:
+        needed = -(-needed // workers) * workers
+    return needed
+
+
+def _interval_body(start: datetime, end: datetime) -> dict[str, str]:
+    """A Connector API time interval; microseconds kept (a boundary must be the exact instant)."""
+
+    def iso(moment: datetime) -> str:
+        text = moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+        return (text[:-7] if text.endswith(".000000") else text) + "Z"
+
+    return {"StartUtc": iso(start), "EndUtc": iso(end)}
+
+
+class _Boundary:
+    """The ``[b, b]`` read of one slice boundary: its body, and set once its records are known."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.read = threading.Event()
+
+
+class _Stopped(Exception):
+    """Raised inside a reader thread when the consumer went away."""
+
+
+def _record_id(record: Any) -> str:
+    """A record's Id, lower-cased (Mews compares UUIDs case-insensitively)."""
+    rid = record.get("Id") if isinstance(record, dict) else None
+    if not isinstance(rid, str):
+        raise MewsResponseError("a getAll record has no Id")
+    return rid.lower()
 
 
 @dataclass
@@ -168,6 +283,10 @@ class MewsConnectorHook(BaseHook):
         self.backoff_max_s = backoff_max_s
         self.pool_size = pool_size
         self.stats = CallStats()
+        #: Set when the task is stopping (the operator's ``on_kill``): no call sends anything
+        #: more, and waits (rate limiter, backoff) end at once, so worker threads leave within
+        #: the supervisor's 5 s between SIGTERM and SIGKILL (a request on the wire still ends).
+        self.abort = threading.Event()
         self._settings: MewsSettings | None = None
         self._templates: dict[str, requests.PreparedRequest] = {}
 
@@ -317,8 +436,10 @@ class MewsConnectorHook(BaseHook):
         limited = 0
         while True:
             asked = time.monotonic()
-            slot = self.limiter.acquire(deadline)
+            slot = None if self.abort.is_set() else self.limiter.acquire(deadline, cancel=self.abort)
             waited = time.monotonic() - asked
+            if self.abort.is_set():
+                raise MewsCallStopped("the task is stopping; the request was not sent", operation=operation)
             if slot is None:
                 self.stats.add(limiter_wait_s=waited)
                 raise MewsRateLimitError(
@@ -361,7 +482,7 @@ class MewsConnectorHook(BaseHook):
             failures += 1
             self.stats.add(retries=1)
             self.log.warning("%s; retrying in %.1f s", error, wait)
-            time.sleep(wait)
+            self.abort.wait(wait)
 
     def _hold_after_429(self, error: MewsError, limited: int, slot: float, deadline: float) -> float | None:
         """Tell the limiter about a 429 (it holds everyone and learns); None to raise now.
@@ -659,6 +780,96 @@ class MewsConnectorHook(BaseHook):
         ):
             yield from page
 
+    def get_customers(
+        self,
+        *,
+        emails: Iterable[str] | None = None,
+        loyalty_codes: Iterable[str] | None = None,
+        customer_ids: Iterable[str] | None = None,
+        chain_ids: Iterable[str] | None = None,
+        activity_states: Iterable[str] | None = ("Active",),
+        page_size: int = 1000,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield pages of ``customers/getAll`` (one request each, so a caller can count its
+        look-ups). Mews refuses a request with no filter, so one of ``emails``,
+        ``loyalty_codes`` or ``customer_ids`` is required; only the customers are asked for
+        (``Extent``), not their addresses or documents."""
+        payload: dict[str, Any] = self._list_filters(
+            operation="customers/getAll",
+            Emails=emails,
+            LoyaltyCodes=loyalty_codes,
+            CustomerIds=customer_ids,
+        )
+        if not payload:
+            raise MewsConfigurationError("customers/getAll needs emails, loyalty_codes or customer_ids")
+        payload.update(self._list_filters(operation="customers/getAll", ChainIds=chain_ids))
+        payload["Extent"] = {"Customers": True, "Documents": False, "Addresses": False}
+        if activity_states is not None:
+            payload["ActivityStates"] = list(activity_states)
+        # An Id names one customer at most: once as many came back, no page can follow.
+        most = len(payload["CustomerIds"]) if "CustomerIds" in payload else None
+        yield from self.paginate(
+            "customers/getAll", payload, result_key="Customers", page_size=page_size, most=most
+        )
+
+    def get_loyalty_programs(
+        self,
+        *,
+        codes: Iterable[str] | None = None,
+        loyalty_program_ids: Iterable[str] | None = None,
+        chain_ids: Iterable[str] | None = None,
+        activity_states: Iterable[str] | None = ("Active",),
+        page_size: int = 1000,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield pages of ``loyaltyPrograms/getAll`` (one request each); no filter lists them all."""
+        payload = self._list_filters(
+            operation="loyaltyPrograms/getAll",
+            Codes=codes,
+            LoyaltyProgramIds=loyalty_program_ids,
+            ChainIds=chain_ids,
+        )
+        if activity_states is not None:
+            payload["ActivityStates"] = list(activity_states)
+        yield from self.paginate(
+            "loyaltyPrograms/getAll", payload, result_key="LoyaltyPrograms", page_size=page_size
+        )
+
+    def get_loyalty_tiers(
+        self,
+        *,
+        loyalty_program_ids: Iterable[str],
+        chain_ids: Iterable[str] | None = None,
+        activity_states: Iterable[str] | None = ("Active",),
+        page_size: int = 1000,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield pages of ``loyaltyTiers/getAll`` of the programmes (required by Mews), one
+        request each."""
+        payload = self._list_filters(
+            operation="loyaltyTiers/getAll", LoyaltyProgramIds=loyalty_program_ids, ChainIds=chain_ids
+        )
+        if "LoyaltyProgramIds" not in payload:
+            raise MewsConfigurationError("loyaltyTiers/getAll needs loyalty_program_ids")
+        if activity_states is not None:
+            payload["ActivityStates"] = list(activity_states)
+        yield from self.paginate(
+            "loyaltyTiers/getAll", payload, result_key="LoyaltyTiers", page_size=page_size
+        )
+
+    @staticmethod
+    def _list_filters(*, operation: str, **filters: Iterable[str] | None) -> dict[str, list[str]]:
+        """The given list filters, each deduplicated and within Mews's 1..1000 items."""
+        payload: dict[str, list[str]] = {}
+        for key, values in filters.items():
+            if values is None:
+                continue
+            items = list(dict.fromkeys(values))
+            if not 1 <= len(items) <= MAX_FILTER_ITEMS:
+                raise MewsConfigurationError(
+                    f"{operation} filter {key} takes 1 to {MAX_FILTER_ITEMS} items, got {len(items)}"
+                )
+            payload[key] = items
+        return payload
+
     def paginate(
         self,
         operation: str,
@@ -691,6 +902,213 @@ class MewsConnectorHook(BaseHook):
             cursor = answer.get("Cursor")
             if len(page) < page_size or not cursor or (most is not None and seen >= most):
                 return
+
+    def paginate_range(
+        self,
+        operation: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        time_filter: str = "UpdatedUtc",
+        start: datetime | str,
+        end: datetime | str,
+        result_key: str | None = None,
+        page_size: int = 1000,
+        max_interval_months: int = MAX_INTERVAL_MONTHS,
+        max_workers: int = 8,
+        queue_pages: int = 8,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield the pages of a getAll over ``start``..``end`` of ``time_filter``, however long.
+
+        Mews refuses a time filter longer than 3 months, so the range is read as consecutive
+        slices of equal length within ``max_interval_months`` calendar months each
+        (:func:`time_slices`), each paged with :meth:`paginate`. A slice's pages form one chain
+        (each answer's ``Cursor`` is needed for the next request), so one slice moves at one page
+        per answer's latency; a range of at least two days is therefore cut into at least
+        ``max_workers`` slices (none shorter than a day, :func:`slice_count`), enough chains at
+        once to keep the token's limiter busy. A nightly interval stays one slice.
+
+        Whether Mews treats an interval's ends as inclusive is not documented, so a record
+        stamped exactly on the instant ``b`` where one slice ends and the next starts may come
+        back from both, or from one. To read it exactly once without remembering every Id: one
+        extra read of the zero-length interval ``[b, b]`` per boundary returns exactly the
+        records stamped at ``b``; they are yielded from it, and both neighbouring slices skip
+        their Ids (a slice fetches its first page beside those reads, and waits for the two at
+        its ends before handing any page on). Memory holds only those Ids (the records on the
+        boundary instants), never the Ids of the whole range. A server that answers ``[b, b]``
+        with nothing is one with half-open intervals, where no record is in two slices.
+
+        Boundaries and slices are read by up to ``max_workers`` threads at once (every page
+        under the token's shared limiter, retried like any read); their pages come out as they
+        arrive, in no particular order, through a queue of at most ``queue_pages`` pages: a slow
+        consumer holds the readers back instead of letting pages pile up in memory. Closing the
+        iterator early stops the readers.
+        """
+        if time_filter not in ("CreatedUtc", "UpdatedUtc", "DeletedUtc"):
+            raise MewsConfigurationError(
+                f"time_filter must be CreatedUtc, UpdatedUtc or DeletedUtc, got {time_filter!r}"
+            )
+        if max_workers < 1 or queue_pages < 1:
+            raise MewsConfigurationError("max_workers and queue_pages must be at least 1")
+        low, high = _utc_datetime(start, "start"), _utc_datetime(end, "end")
+        parts = slice_count(low, high, max_interval_months, max_workers) if high > low else 1
+        slices = time_slices(low, high, max_interval_months, parts)
+        base = dict(body or {})
+
+        def sliced(low: datetime, high: datetime) -> dict[str, Any]:
+            return {**base, time_filter: _interval_body(low, high)}
+
+        if len(slices) == 1:
+            yield from self.paginate(
+                operation, sliced(*slices[0]), result_key=result_key, page_size=page_size
+            )
+            return
+        boundaries = [_Boundary(sliced(b, b)) for _, b in slices[:-1]]
+        if max_workers == 1:
+            yield from self._read_slices_in_order(
+                operation, slices, boundaries, sliced, result_key, page_size
+            )
+            return
+        yield from self._read_slices_in_threads(
+            operation, [sliced(low, high) for low, high in slices], boundaries, result_key, page_size,
+            min(max_workers, len(slices) + len(boundaries)), queue_pages,
+        )  # fmt: skip
+
+    def _read_boundary(
+        self,
+        operation: str,
+        boundary: _Boundary,
+        seen: set[str],
+        lock: threading.Lock,
+        result_key: str | None,
+        page_size: int,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The records stamped exactly on one boundary, each Id once across all boundaries."""
+        for page in self.paginate(operation, boundary.body, result_key=result_key, page_size=page_size):
+            with lock:
+                fresh = [r for r in page if _record_id(r) not in seen]
+                seen.update(_record_id(r) for r in fresh)
+            if fresh:
+                yield fresh
+
+    def _read_slices_in_order(
+        self,
+        operation: str,
+        slices: list[tuple[datetime, datetime]],
+        boundaries: list[_Boundary],
+        sliced: Any,
+        result_key: str | None,
+        page_size: int,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """One thread: the boundaries, then the slices, skipping the Ids on the boundaries."""
+        seen: set[str] = set()
+        lock = threading.Lock()
+        for boundary in boundaries:
+            yield from self._read_boundary(operation, boundary, seen, lock, result_key, page_size)
+        if seen:
+            self.log.info("%d records stamped exactly on a slice boundary were read once", len(seen))
+        for low, high in slices:
+            for page in self.paginate(
+                operation, sliced(low, high), result_key=result_key, page_size=page_size
+            ):
+                kept = [r for r in page if _record_id(r) not in seen] if seen else page
+                if kept:
+                    yield kept
+
+    def _read_slices_in_threads(
+        self,
+        operation: str,
+        bodies: list[dict[str, Any]],
+        boundaries: list[_Boundary],
+        result_key: str | None,
+        page_size: int,
+        workers: int,
+        queue_pages: int,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Boundaries and slices as one queue of tasks for ``workers`` threads, boundaries first.
+
+        The ``[b, b]`` reads run at once, beside the slices' first pages rather than before
+        them: a slice fetches its first page, then waits for the boundaries at its two ends
+        (needed to drop their Ids) before handing it on. No deadlock: every boundary task is
+        taken before any slice task (one FIFO queue) and a boundary task waits for no task."""
+        todo: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        for boundary in boundaries:
+            todo.put((-1, boundary))
+        for n, body in enumerate(bodies):
+            todo.put((n, body))
+        seen: set[str] = set()
+        seen_lock = threading.Lock()
+        out: queue.Queue[Any] = queue.Queue(maxsize=queue_pages)
+        stop = threading.Event()
+        done = object()
+
+        def put(item: Any) -> None:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+            raise _Stopped
+
+        def wait_for(ends: list[_Boundary]) -> None:
+            for boundary in ends:
+                while not boundary.read.wait(0.2):
+                    if stop.is_set():
+                        raise _Stopped
+
+        def read_slice(n: int, body: dict[str, Any]) -> None:
+            ends = boundaries[max(0, n - 1) : n + 1]  # the boundaries at its start and its end
+            pages = self.paginate(operation, body, result_key=result_key, page_size=page_size)
+            for count, page in enumerate(pages):
+                if count == 0:
+                    wait_for(ends)
+                kept = [r for r in page if _record_id(r) not in seen] if seen else page
+                if kept:
+                    put(kept)
+                if stop.is_set():
+                    raise _Stopped
+
+        def read() -> None:
+            try:
+                while not stop.is_set():
+                    try:
+                        n, task = todo.get_nowait()
+                    except queue.Empty:
+                        break
+                    if n < 0:
+                        for page in self._read_boundary(
+                            operation, task, seen, seen_lock, result_key, page_size
+                        ):
+                            put(page)
+                        task.read.set()
+                    else:
+                        read_slice(n, task)
+                put(done)
+            except _Stopped:
+                pass
+            except BaseException as exc:  # handed to the consumer, raised there
+                with contextlib.suppress(_Stopped):
+                    put(exc)
+
+        threads = [threading.Thread(target=read, name=f"mews-slice-{n}", daemon=True) for n in range(workers)]
+        for thread in threads:
+            thread.start()
+        running = workers
+        try:
+            while running:
+                item = out.get()
+                if item is done:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        if seen:
+            self.log.info("%d records stamped exactly on a slice boundary were read once", len(seen))
 
     def test_connection(self) -> tuple[bool, str]:
         """One cheap authenticated call; used by the UI's Test button and `airflow connections test`."""

@@ -14,12 +14,19 @@
 
 Stop means stop: after a Mews failure or once the rejections exceed the budget, nothing more
 is read from the source; the rows never reached are counted by the database instead.
+
+Stopped from outside (:meth:`~MembershipRun.interrupt`: the operator's ``on_kill`` on SIGTERM,
+or Airflow's ``execution_timeout``), the try reads and sends nothing more, settles the batches
+in flight that end within :data:`STOP_GRACE_S`, leaves the others in doubt (below the
+checkpoint's dispatch mark, so the next try reconciles them), writes the checkpoint and fails
+with a retryable error: all before the supervisor's SIGKILL, 5 s after its SIGTERM.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -42,6 +49,10 @@ from airflow_provider_mews.version_compat import AirflowException, AirflowFailEx
 
 #: Mews errors that another Airflow try cannot fix: fail at once instead of retrying.
 NOT_RETRYABLE = (400, 401, 403, 404)
+#: Seconds an interrupted try waits for its batches in flight before leaving them in doubt:
+#: the supervisor sends SIGKILL 5 s after SIGTERM, and the outcomes and checkpoint of what
+#: ended must be written before it (writing them takes well under a second).
+STOP_GRACE_S = 3.0
 
 
 class Source(Protocol):
@@ -102,13 +113,30 @@ class MembershipRun:
         self._chunks: Iterator[Sequence[Sequence[Any]]] = iter(())
         self._exhausted = False  # the source was read to its end
         self._next_index = 0
+        self.interrupted: str | None = None  # why the try was stopped from outside (on_kill)
+        self._grace_until = 0.0
 
     def make_sender(self) -> BatchSender:
         """What takes one batch through Mews (in a worker thread)."""
         s = self.settings
         return BatchSender(
-            self.hook, if_exists=s.if_exists, chain_id=s.chain_id, budget=self.budget, stop=self.stop
+            self.hook,
+            if_exists=s.if_exists,
+            chain_id=s.chain_id,
+            budget=self.budget,
+            stop=self.stop,
+            known_refusals=lambda batch: self.checkpoint.known_refusals(batch.index, batch.fingerprint),
+            on_refused=self.note_refused,
         )
+
+    def note_refused(self, batch: Batch, row: int, error: MewsError) -> None:
+        """A row of ``batch`` proven refused (in a worker thread): into the checkpoint at once."""
+        try:
+            self.checkpoint.note_refused(
+                batch.index, batch.fingerprint, row, error.status, error.request_id, error.message
+            )
+        except Exception as exc:  # only progress is lost: the next try isolates the row again
+            self.log.warning("Could not checkpoint a refused row: %s", exc)
 
     # -- the run --
 
@@ -124,20 +152,57 @@ class MembershipRun:
             s.max_active_requests,
         )
         self._chunks = iter(self.source.chunks())
-        with ThreadPoolExecutor(s.max_active_requests, thread_name_prefix="mews-batch") as pool:
-            self._pool = pool
-            try:
-                self.resume()
-                while (rows := self.read()) is not None:
-                    self.dispatch(self.build(rows))
-                while self.inflight:
-                    self.settle_next(block=True)
-            finally:
-                self.stop.set()
-                for future in self.inflight:
-                    future.cancel()
-                self.checkpoint.flush(force=True)
+        pool = self._pool = ThreadPoolExecutor(s.max_active_requests, thread_name_prefix="mews-batch")
+        try:
+            self.resume()
+            while (rows := self.read()) is not None:
+                self.dispatch(self.build(rows))
+            if self.interrupted is not None:  # on_kill: the read loop ended early
+                self.drain()
+            while self.inflight:
+                self.settle_next(block=True)
+        except BaseException as exc:
+            if type(exc).__name__ != "AirflowTaskTimeout":
+                raise
+            # execution_timeout: Airflow raised this here and calls on_kill after. Settle what
+            # ends in the grace, so the next try does not redo (or re-isolate) it.
+            self.interrupt(f"execution_timeout ({exc})")
+            self.drain()
+            raise
+        finally:
+            self.stop.set()
+            for future in self.inflight:
+                future.cancel()
+            self.checkpoint.flush(force=True)
+            # Interrupted: do not wait for a request still on the wire (its batch is in doubt).
+            pool.shutdown(wait=self.interrupted is None, cancel_futures=True)
         return self.finish()
+
+    def interrupt(self, why: str) -> None:
+        """Stop the try from outside: read and send nothing more, and give the batches in flight
+        :data:`STOP_GRACE_S` to end. Safe in a signal handler (``on_kill`` runs in one, on the
+        main thread, between any two bytecodes): it only sets flags."""
+        if self.interrupted is None:
+            self.interrupted = why
+            self._grace_until = time.monotonic() + STOP_GRACE_S
+        self.stop.set()
+        abort = getattr(self.hook, "abort", None)
+        if abort is not None:
+            abort.set()
+
+    def drain(self) -> None:
+        """After an interruption: settle the batches in flight that end within the grace."""
+        self.log.warning(
+            "Stopping (%s): nothing more is sent; %d batch(es) in flight get %.0f s to end.",
+            self.interrupted,
+            len(self.inflight),
+            STOP_GRACE_S,
+        )
+        try:
+            while self.inflight and time.monotonic() < self._grace_until:
+                self.settle_next(block=True)
+        except Exception as exc:  # the original interruption is what the try reports
+            self.log.warning("While stopping, settling the batches in flight failed: %s", exc)
 
     def resume(self) -> None:
         """On a retry, read again the batches below the earlier try's watermark (sending nothing)
@@ -217,11 +282,17 @@ class MembershipRun:
         self.settle_next(block=False)
         if self.tally.due(self.settings.progress_interval_s):
             stats = self.hook.stats
+            self.tally.lookups = self.lookups()
             self.log.info(
                 self.tally.progress_line(
                     self.source.total, stats.rate_limited, stats.rate_limit_wait_s, stats.limiter_wait_s
                 )
             )
+
+    def lookups(self) -> int | None:
+        """Requests that looked names up so far (a source of rows named by e-mail or code:
+        :class:`~airflow_provider_mews.loyalty.names.ResolvedSource`); None when rows carry Ids."""
+        return getattr(self.source, "lookups", None)
 
     def count_earlier(self, counts: Sequence[int]) -> None:
         """Counts of batches an earlier try finished (as :meth:`settle` checkpointed them)."""
@@ -235,7 +306,19 @@ class MembershipRun:
         """Settle the batches that finished (waiting for one when ``block``)."""
         if not self.inflight:
             return
-        finished, _ = wait(self.inflight, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        timeout = None if block else 0.0
+        if self.interrupted is not None:  # wait no longer than the grace, then leave the rest in doubt
+            timeout = max(0.0, self._grace_until - time.monotonic()) if block else 0.0
+        finished, _ = wait(self.inflight, timeout=timeout, return_when=FIRST_COMPLETED)
+        if not finished and block:
+            self.log.warning(
+                "Stopping (%s): %d batch(es) still in flight are left in doubt; the next try reconciles "
+                "them with Mews before sending anything again.",
+                self.interrupted,
+                len(self.inflight),
+            )
+            self.inflight.clear()
+            return
         for future in finished:
             self.inflight.discard(future)
             self.settle(future.result())
@@ -279,6 +362,7 @@ class MembershipRun:
             total = None  # rows were deleted while the run read: the count proves nothing
         tally.rows_total = total
         tally.not_reached = None if total is None else total - tally.done
+        tally.lookups = self.lookups()
         stats = self.hook.stats
         self.summary = tally.summary(
             requests=stats.requests,
@@ -297,6 +381,13 @@ class MembershipRun:
     def failure(self) -> AirflowException | None:
         """How the try failed (the exception to raise), or None when it succeeded."""
         summary = self.summary
+        if self.interrupted is not None:
+            return AirflowException(
+                f"Stopped from outside ({self.interrupted}): nothing more was read or sent; the batches "
+                f"that ended are recorded, any left in flight are reconciled by the next try. "
+                f"{counts_text(summary)} An Airflow retry (or a new run with if_exists='skip') resumes "
+                "without adding anything twice."
+            )
         if self.errors:
             error = self.errors[0]
             if isinstance(error, MewsConfigurationError) or error.status in NOT_RETRYABLE:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
-from airflow_provider_mews.exceptions import MewsError
+from airflow_provider_mews.exceptions import MewsCallStopped, MewsError
 from airflow_provider_mews.loyalty.normalize import ColumnPlan, RowRejected, normalize_many, readable_account
 from airflow_provider_mews.loyalty.reconcile import find_existing, find_stored
 from airflow_provider_mews.runs.outputs import Outcome, Rejection
@@ -168,7 +168,16 @@ class BatchResult:
         if self._outcomes is None:
             items, rows = self.batch.items, self.batch.item_rows
             self._outcomes = [
-                Outcome(rows[p], item["AccountId"], item["LoyaltyProgramId"], item.get("Code"), mid, outcome)
+                Outcome(
+                    rows[p],
+                    item["AccountId"],
+                    item["LoyaltyProgramId"],
+                    item.get("Code"),
+                    mid,
+                    outcome,
+                    None,
+                    item.get("LoyaltyTierId"),
+                )
                 for positions, ids, outcome in self._groups
                 for p, mid in zip(positions, ids, strict=True)
                 for item in (items[p],)
@@ -215,6 +224,8 @@ class BatchSender:
         stop: threading.Event,
         clock_skew: timedelta = timedelta(minutes=5),
         now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        known_refusals: Callable[[Batch], dict[int, tuple[Any, ...]]] | None = None,
+        on_refused: Callable[[Batch, int, MewsError], None] | None = None,
     ) -> None:
         self.hook = hook
         self.if_exists = if_exists
@@ -223,6 +234,10 @@ class BatchSender:
         self.stop = stop
         self.clock_skew = clock_skew
         self.now = now
+        #: Rows an earlier try proved refused (source row -> status, request_id, message), and
+        #: where to note each refusal as it is proven: an interrupted isolation is not redone.
+        self.known_refusals = known_refusals
+        self.on_refused = on_refused
         # if_exists="skip": (account, program) of rows being checked or added by a batch in flight,
         # so that the same membership in two concurrent batches is added once (getAll can't see it yet).
         self._in_flight: set[tuple[str, str]] = set()
@@ -238,6 +253,8 @@ class BatchSender:
                 found = find_stored(self.hook, batch.items, stored_since - self.clock_skew, self._until())
                 self._take(result, pending, found, "added")
                 result.reconciled += len(found)
+            if self.known_refusals is not None and pending:
+                self._reject_known(result, pending, self.known_refusals(batch))
             if self.if_exists == "skip" and pending:
                 pending = self._drop_duplicates(batch, pending, result)
                 pending = self._claim(batch, pending, result, claimed)
@@ -246,7 +263,7 @@ class BatchSender:
                     result, pending, {pending[i]: mid for i, mid in existing.items()}, "skipped_existing"
                 )
             self._send(result, pending)
-        except StopRun:
+        except (StopRun, MewsCallStopped):  # the run is stopping: this batch stays unfinished
             pass
         except MewsError as exc:
             result.error = exc
@@ -364,6 +381,16 @@ class BatchSender:
         done = set(group)
         pending[:] = [p for p in pending if p not in done]
 
+    def _reject_known(
+        self, result: BatchResult, pending: list[int], known: dict[int, tuple[Any, ...]]
+    ) -> None:
+        """Reject, without a request, the rows an earlier try of this batch proved Mews refuses."""
+        rows = result.batch.item_rows
+        for pos in [p for p in pending if rows[p] in known]:
+            status, request_id, message = known[rows[pos]]
+            self._reject(result, pos, MewsError(message, status=status, request_id=request_id))
+            pending.remove(pos)
+
     def _reject(self, result: BatchResult, pos: int, error: MewsError) -> None:
         batch = result.batch
         item = batch.items[pos]
@@ -380,3 +407,5 @@ class BatchSender:
             )
         )
         self.budget.spend(1)
+        if self.on_refused is not None:
+            self.on_refused(batch, row_no, error)

@@ -302,6 +302,8 @@ def _show(value: Any) -> str:
 
 def to_uuid(field: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
+        if isinstance(value, RowRejected):  # a name that gave no Id (loyalty.names): its reason
+            raise value
         if isinstance(value, str):
             if _UUID_RE.fullmatch(value):
                 return value.lower()
@@ -466,4 +468,4 @@ def readable_account(plan: ColumnPlan, values: Sequence[Any]) -> str | None:
     if pos is None:
         return None
     value = values[pos]
-    return None if value is None else str(value)[:64]
+    return None if value is None or isinstance(value, RowRejected) else str(value)[:64]

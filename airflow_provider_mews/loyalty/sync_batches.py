@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from airflow_provider_mews.exceptions import MewsError
+from airflow_provider_mews.exceptions import MewsCallStopped, MewsError
 from airflow_provider_mews.loyalty.batches import (
     Batch,
     BatchSender,
@@ -78,9 +78,8 @@ def build_sync_batch(
         try:
             r = normalize_sync_row(plan, values, row_no)
         except RowRejected as exc:
-            account = (
-                None if account_pos is None or values[account_pos] is None else str(values[account_pos])[:64]
-            )
+            cell = None if account_pos is None else values[account_pos]
+            account = None if cell is None or isinstance(cell, RowRejected) else str(cell)[:64]
             where = f"row {row_no}" + (f" (AccountId {account})" if account else "")
             row_json = json.dumps(dict(zip(plan.columns.names, values, strict=False)), default=str)[:4000]
             rejected.append(
@@ -169,7 +168,7 @@ class SyncBatchSender:
                 return result
             updates += self._add(result, new, stored_since)
             self._update(result, updates)
-        except StopRun:
+        except (StopRun, MewsCallStopped):  # the run is stopping: this batch stays unfinished
             pass
         except MewsError as exc:
             result.error = exc
@@ -358,12 +357,22 @@ def _outcome(r: SyncRow, m: Any, outcome: str, changed: Sequence[str] | None = N
         (m or {}).get("Id"),
         outcome,
         ",".join(changed) if changed else None,
+        r.fields.get("LoyaltyTierId") or (m or {}).get("LoyaltyTierId"),
     )
 
 
 def removal_outcome(m: Mapping[str, Any], outcome: str) -> Outcome:
     """A mirror's removal (``canceled`` or ``deleted``): no source row."""
-    return Outcome(None, m["AccountId"], m["LoyaltyProgramId"], m.get("MembershipNumber"), m["Id"], outcome)
+    return Outcome(
+        None,
+        m["AccountId"],
+        m["LoyaltyProgramId"],
+        m.get("MembershipNumber"),
+        m["Id"],
+        outcome,
+        None,
+        m.get("LoyaltyTierId"),
+    )
 
 
 # -- the mirror's removals --

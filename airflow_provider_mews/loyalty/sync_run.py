@@ -16,6 +16,9 @@ With ``dry_run`` no write request is sent: the outcomes and removals written are
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,8 +109,25 @@ class SyncRun(MembershipRun):
                 if self.refusal is not None and not self.sync.dry_run:
                     return self.finish()  # nothing was written
             return super().execute()
+        except (sqlite3.Error, OSError) as exc:
+            if not is_disk_full(exc):
+                raise
+            raise self.work_dir_full(exc) from exc
         finally:
             self.index.close()
+
+    def work_dir_full(self, exc: BaseException) -> AirflowException:
+        """The scope index's disk filled up. Nothing was removed: removals come only after every
+        row is done, and this error ends the try before them."""
+        where = (
+            self.sync.work_dir or f"{tempfile.gettempdir()} (the default: the system's temporary directory)"
+        )
+        return AirflowException(
+            f"The sync's on-disk scope index ran out of space in sync_work_dir={where} after "
+            f"{self.index.size} memberships of the scope (it needs about 200 bytes per membership): "
+            f"nothing was removed from Mews. Point sync_work_dir at a directory with room for the scope, "
+            f"or free space there; Airflow's retry starts the sync over. ({type(exc).__name__}: {exc})"
+        )
 
     def prepare(self) -> None:
         """List the scope, match every row against it (no write), check ``max_removals``."""
@@ -200,7 +220,8 @@ class SyncRun(MembershipRun):
             self.stop.set()
 
     def count_earlier(self, counts: Sequence[int]) -> None:
-        added, updated, unchanged, rejected = counts
+        # An earlier try killed before any batch finished left the checkpoint's default (0, 0, 0).
+        added, updated, unchanged, rejected = (*counts, 0, 0, 0, 0)[:4]
         self.tally.added += added
         self.tally.updated += updated
         self.tally.unchanged += unchanged
@@ -209,7 +230,10 @@ class SyncRun(MembershipRun):
 
     def finish(self) -> dict[str, Any]:
         refused = self.refusal is not None and not self.sync.dry_run  # a dry run still writes the plan
-        if self.sync.mirror and not self.errors and not self.budget.exceeded and not refused:
+        # Stopped from outside (on_kill), the source was not read to its end: a scope matched
+        # against part of it would remove memberships the rest describes.
+        stopped = self.interrupted is not None
+        if self.sync.mirror and not self.errors and not self.budget.exceeded and not refused and not stopped:
             self.remove()
         summary = super().finish()
         summary["dry_run"] = self.sync.dry_run
@@ -268,3 +292,10 @@ class SyncRun(MembershipRun):
                 + "; ".join(self.removals_refused[:5])
             )
         return found
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """SQLite's "database or disk is full", or the OS's no space / file too large / quota."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)

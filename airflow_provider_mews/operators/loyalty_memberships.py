@@ -9,6 +9,7 @@ and reconciles any batch whose fate is unknown before it would be sent again. Th
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack, closing
@@ -19,6 +20,7 @@ from airflow_provider_mews.exceptions import MewsConfigurationError
 from airflow_provider_mews.hooks.mews import MewsConnectorHook, validate_uuid
 from airflow_provider_mews.lineage import loyalty_memberships_asset, openlineage_facets
 from airflow_provider_mews.loyalty.add_run import NOT_RETRYABLE, MembershipRun, RunSettings
+from airflow_provider_mews.loyalty.names import NamePlan, NameResolver, ResolvedSource, plan_names
 from airflow_provider_mews.loyalty.normalize import ColumnPlan, plan_columns
 from airflow_provider_mews.loyalty.sync_plan import (
     ON_MISSING,
@@ -246,7 +248,9 @@ class LoyaltyMembershipAddOperator(BaseOperator):
                 opened.callback(hook.close)
                 # Outputs first: on SQLite they switch the database to WAL so the source can stay open.
                 outputs = [opened.enter_context(closing(out)) for out in self._open_outputs(context)]
-                source = opened.enter_context(closing(self._open_source()))
+                read = opened.enter_context(closing(self._open_source()))
+                names = self._names(read.columns)
+                source = self._resolved(read, hook, names, settings.chain_id) if names.used else read
                 run: MembershipRun
                 if self.if_exists == "update":
                     run = SyncRun(
@@ -254,7 +258,7 @@ class LoyaltyMembershipAddOperator(BaseOperator):
                         self._sync_settings(),
                         hook,
                         source,
-                        self._sync_plan(source.columns),
+                        self._sync_plan(names),
                         outputs,
                         self._checkpoint(context),
                         self.log,
@@ -264,18 +268,37 @@ class LoyaltyMembershipAddOperator(BaseOperator):
                         settings,
                         hook,
                         source,
-                        self._plan(source.columns),
+                        self._plan(names),
                         outputs,
                         self._checkpoint(context),
                         self.log,
                     )
+                self._run = run
+                if isinstance(source, ResolvedSource):
+                    source.stop = run.stop  # its look-ups (ahead of the run) stop with the run
                 summary = run.execute()
         finally:
+            self._run = None
             gc.unfreeze()
         self._push_summary(context, summary)
         if (failure := run.failure()) is not None:
             raise failure
         return summary
+
+    _run: MembershipRun | None = None
+
+    def on_kill(self) -> None:
+        """Airflow's task runner calls this on SIGTERM ("mark failed", a cleared task, a lost
+        heartbeat, a worker shutdown: the supervisor sends SIGKILL 5 s later) and after an
+        ``execution_timeout``. Without it the try would run on to its end or die mid-batch.
+
+        It runs in a signal handler, so it only asks the run to stop
+        (:meth:`~airflow_provider_mews.loyalty.add_run.MembershipRun.interrupt`); ``execute``
+        then sends nothing more, records the batches that end within 3 s (the rest stay in
+        doubt, reconciled by the next try), writes the checkpoint and fails, retryable."""
+        run = self._run
+        if run is not None:
+            run.interrupt("on_kill: the task was asked to stop (SIGTERM)")
 
     def _connect(self) -> MewsConnectorHook:
         hook = MewsConnectorHook(self.mews_conn_id, pool_size=self.max_active_requests + 2)
@@ -353,11 +376,33 @@ class LoyaltyMembershipAddOperator(BaseOperator):
         except SourceError as exc:
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
 
-    def _plan(self, columns: Sequence[str]) -> ColumnPlan:
-        if not columns:
+    def _names(self, columns: Sequence[str]) -> NamePlan:
+        """Where the source names members instead of giving Ids (``AccountEmail``, ...)."""
+        try:
+            return plan_names(columns, self.field_map)
+        except ValueError as exc:
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
+
+    #: Resolve each name once per run: a mirror reads its source twice (to plan, then to write).
+    _remember_names = False
+
+    def _resolved(
+        self, source: ListSource | SqlSource, hook: MewsConnectorHook, names: NamePlan, chain_id: str | None
+    ) -> ResolvedSource:
+        """The source with its rows' Ids looked up in Mews from their names (loyalty.names)."""
+        self.log.info(
+            "Rows name members by %s: their Ids are looked up in Mews (one customers/getAll per 999 names, "
+            "ahead of the batches in flight; programmes and tiers once per run).",
+            ", ".join(names.name_at),
+        )
+        resolver = NameResolver(hook, names, chain_id=chain_id, remember=self._remember_names)
+        return ResolvedSource(source, resolver)
+
+    def _plan(self, names: NamePlan) -> ColumnPlan:
+        if not names.names:
             return ColumnPlan((), (), ())
         try:
-            plan = plan_columns(columns, self.field_map)
+            plan = names.restore(plan_columns(names.masked, names.field_map))
         except ValueError as exc:
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
         if plan.ignored:
@@ -371,13 +416,14 @@ class LoyaltyMembershipAddOperator(BaseOperator):
         """An upsert; :class:`LoyaltyMembershipSyncOperator` makes it a mirror."""
         return SyncSettings()
 
-    def _sync_plan(self, columns: Sequence[str]) -> SyncPlan:
-        if not columns:
+    def _sync_plan(self, names: NamePlan) -> SyncPlan:
+        if not names.names:
             return SyncPlan(ColumnPlan((), (), ()), None, None)
         try:
-            plan = plan_sync_columns(columns, self.field_map)
+            plan = plan_sync_columns(names.masked, names.field_map)
         except ValueError as exc:
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
+        plan = dataclasses.replace(plan, columns=names.restore(plan.columns))
         if plan.columns.ignored:
             self.log.warning(
                 "Columns %s match no Mews field and are not sent (map them with field_map if they should be).",
@@ -470,6 +516,7 @@ class LoyaltyMembershipSyncOperator(LoyaltyMembershipAddOperator):
 
     template_fields: Sequence[str] = (*LoyaltyMembershipAddOperator.template_fields, "loyalty_program_ids")
     ui_color = "#c9e4d6"
+    _remember_names = True
 
     def __init__(
         self,

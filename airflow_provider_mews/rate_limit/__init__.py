@@ -98,9 +98,10 @@ class TokenLimiter:
     def period_s(self) -> float:
         return self.params.period_s
 
-    def acquire(self, deadline: float | None = None) -> float | None:
+    def acquire(self, deadline: float | None = None, cancel: threading.Event | None = None) -> float | None:
         """Wait for this request's slot; returns the slot (for :meth:`on_429`), or None if it
-        would come after ``deadline`` (``time.monotonic()``), in which case nothing is booked."""
+        would come after ``deadline`` (``time.monotonic()``), in which case nothing is booked,
+        or if ``cancel`` is set while waiting (the task is stopping; the slot goes unused)."""
         while True:
             max_wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             booked = self._backend_call("reserve", max_wait)
@@ -110,7 +111,10 @@ class TokenLimiter:
             delay = slot - now
             if delay <= 0:
                 return slot
-            time.sleep(delay)
+            if cancel is None:
+                time.sleep(delay)
+            elif cancel.wait(delay):
+                return None
             with self._lock:
                 self.waited_s += delay
             # A 429 seen meanwhile (by any worker) holds everyone, and a cut makes every slot

@@ -10,7 +10,12 @@ length (about 1 KB; at most ``2 * max_active_requests`` batch entries, never mor
   rolling fingerprint of their rows (``prefix``: each batch's fingerprint folded in order);
 * ``beyond``: the few batches finished out of order past the watermark, each with its own
   fingerprint and counts. The run never dispatches a batch :attr:`Checkpoint.window` or more
-  past the watermark, so there are never more of them than that.
+  past the watermark, so there are never more of them than that;
+* ``refused``: rows Mews refused in batches not finished yet (at most :data:`MAX_REFUSED`),
+  written as soon as an isolation proves them. A try stopped in the middle of isolating a
+  batch (``execution_timeout``, SIGTERM, SIGKILL) would otherwise start the isolation over from
+  the whole batch; the next try rejects these rows without a request, finds the rows already
+  added by reconciling, and sends only the rest, so repeated interruptions converge.
 
 On a retry (:mod:`airflow_provider_mews.loyalty.add_run`):
 
@@ -34,6 +39,7 @@ reconciled with Mews instead: slower, equally exact.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +62,10 @@ FINGERPRINT_HEX = 16
 MAX_WINDOW = 64
 #: A mark beyond any batch: every batch may have been sent.
 ALL = 2**62
+#: Most refused rows of unfinished batches remembered (beyond it, a retry isolates them again).
+MAX_REFUSED = 32
+#: Characters of Mews's refusal message kept per remembered row.
+REFUSED_MESSAGE_CHARS = 300
 
 
 class StateStore:
@@ -117,7 +127,11 @@ class Checkpoint:
     prefix: str = ""
     counts: list[int] = field(default_factory=lambda: [0, 0, 0])
     beyond: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    #: batch index -> (fingerprint, {source row: (status, request_id, message)}) of unfinished batches
+    refused: dict[int, tuple[str, dict[int, tuple[Any, ...]]]] = field(default_factory=dict)
     _store: StateStore | None = None
+    #: Refusals are noted from worker threads; every change and save of the record holds it.
+    _lock: threading.RLock = field(default_factory=threading.RLock)
     _dirty: bool = False
     _saved_at: float = 0.0
     _reserved: tuple[int, float] | None = None  # (batch index, monotonic time) of the last reserve
@@ -150,7 +164,12 @@ class Checkpoint:
             beyond=beyond,
         )
         dispatched = int(saved.get("dispatched", 0))
+        refused = {
+            int(index): (str(fp), {int(r[0]): (r[1], r[2], str(r[3])) for r in rows})
+            for index, fp, rows in saved.get("refused", [])
+        }
         return cls(
+            refused=refused,
             since=since,
             batch_size=batch_size,
             window=window,
@@ -197,6 +216,31 @@ class Checkpoint:
             return tuple(entry[1:])
         return None  # its rows changed: this try redoes it
 
+    def known_refusals(self, index: int, fingerprint: str) -> dict[int, tuple[Any, ...]]:
+        """Rows of batch ``index`` an earlier try proved Mews refuses (source row -> status,
+        request_id, message), if the batch holds the same rows; else none."""
+        with self._lock:
+            entry = self.refused.get(index)
+            if entry is None or entry[0] != fingerprint[:FINGERPRINT_HEX]:
+                return {}
+            return dict(entry[1])
+
+    def note_refused(
+        self, index: int, fingerprint: str, row: int, status: Any, request_id: Any, message: str
+    ) -> None:
+        """An isolation proved Mews refuses source row ``row`` of batch ``index``: saved at once
+        (any thread), so a try stopped before the batch ends does not isolate it again."""
+        with self._lock:
+            fp = fingerprint[:FINGERPRINT_HEX]
+            entry = self.refused.get(index)
+            if entry is None or entry[0] != fp:
+                entry = self.refused[index] = (fp, {})
+            if row in entry[1] or sum(len(e[1]) for e in self.refused.values()) >= MAX_REFUSED:
+                return
+            entry[1][row] = (status, request_id, message[:REFUSED_MESSAGE_CHARS])
+            self._dirty = True
+            self.flush(force=True)
+
     def maybe_sent(self, index: int) -> bool:
         """An earlier try may have sent batch ``index``: reconcile before sending it."""
         return self.resumed and index < self.sent_before
@@ -223,18 +267,20 @@ class Checkpoint:
     def mark_done(self, index: int, fingerprint: str, *counts: int) -> None:
         """``counts``: added, skipped_existing, rejected (a sync: added, updated, unchanged, rejected)."""
         entry = (fingerprint[:FINGERPRINT_HEX], *counts)
-        if index < self.upto:
-            return  # already below the watermark (an earlier try's batch, skipped)
-        self.beyond[index] = entry
-        while self.upto in self.beyond:  # advance the watermark over every contiguous finished batch
-            fp, *done = self.beyond.pop(self.upto)
-            self.prefix = fold(self.prefix, fp)
-            self.counts += [0] * (len(done) - len(self.counts))
-            for slot, n in enumerate(done):
-                self.counts[slot] += n
-            self.upto += 1
-        self._dirty = True
-        self.flush()
+        with self._lock:
+            self.refused.pop(index, None)  # finished: its rejections are in the counts
+            if index < self.upto:
+                return  # already below the watermark (an earlier try's batch, skipped)
+            self.beyond[index] = entry
+            while self.upto in self.beyond:  # advance the watermark over every contiguous finished batch
+                fp, *done = self.beyond.pop(self.upto)
+                self.prefix = fold(self.prefix, fp)
+                self.counts += [0] * (len(done) - len(self.counts))
+                for slot, n in enumerate(done):
+                    self.counts[slot] += n
+                self.upto += 1
+            self._dirty = True
+            self.flush()
 
     def record(self) -> dict[str, Any]:
         """What is saved: constant size for any run length."""
@@ -247,6 +293,10 @@ class Checkpoint:
             "prefix": self.prefix,
             "counts": list(self.counts),
             "beyond": [[i, *entry] for i, entry in sorted(self.beyond.items())],
+            "refused": [
+                [i, fp, [[row, *why] for row, why in sorted(rows.items())]]
+                for i, (fp, rows) in sorted(self.refused.items())
+            ],
         }
 
     def flush(self, force: bool = False, every_s: float = FLUSH_EVERY_S) -> None:
@@ -255,6 +305,7 @@ class Checkpoint:
         now = time.monotonic()
         if not force and (not self._dirty or now - self._saved_at < every_s):
             return
-        self._store.save(self.record())
-        self._dirty = False
-        self._saved_at = now
+        with self._lock:
+            self._store.save(self.record())
+            self._dirty = False
+            self._saved_at = now

@@ -41,6 +41,8 @@ class Outcome(NamedTuple):
     mews_membership_id: str | None
     outcome: str  # "added" | "skipped_existing" | "updated" | "unchanged" | "canceled" | "deleted" (dry run: "planned_...")
     changed_fields: str | None = None  # comma-separated Mews fields an update sent
+    #: The tier the membership holds (a row naming its tier by code shows where it went).
+    loyalty_tier_id: str | None = None
 
 
 class Rejection(NamedTuple):
@@ -69,6 +71,7 @@ class RunKey:
 
 RESULT_COLUMNS = (
     "source_row", "account_id", "loyalty_program_id", "code", "mews_membership_id", "outcome", "changed_fields",
+    "loyalty_tier_id",
 )  # fmt: skip
 REJECTION_COLUMNS = ("source_row", "account_id", "field", "reason", "request_id", "row_json")
 KEY_COLUMNS = ("dag_id", "run_id", "task_id", "map_index")
@@ -114,12 +117,14 @@ class TableOutput:
             cur.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.results_table} ({key_ddl}, account_id VARCHAR(36), "
                 f"loyalty_program_id VARCHAR(36), code {text}, mews_membership_id VARCHAR(36), outcome VARCHAR(32), "
-                f"changed_fields {text})"
+                f"changed_fields {text}, loyalty_tier_id VARCHAR(36))"
             )
-            # A results table made by an earlier version has no changed_fields column yet.
+            # A results table made by an earlier version lacks the columns added since.
             cur.execute(f"SELECT * FROM {self.results_table} WHERE 1 = 0")
-            if "changed_fields" not in {d[0].lower() for d in cur.description or ()}:
-                cur.execute(f"ALTER TABLE {self.results_table} ADD COLUMN changed_fields {text}")
+            have = {d[0].lower() for d in cur.description or ()}
+            for column, ddl in (("changed_fields", text), ("loyalty_tier_id", "VARCHAR(36)")):
+                if column not in have:
+                    cur.execute(f"ALTER TABLE {self.results_table} ADD COLUMN {column} {ddl}")
         if self.rejections_table:
             cur.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.rejections_table} ({key_ddl}, account_id {text}, "

@@ -39,6 +39,7 @@ class RunTally:
     deleted: int = 0
     reconciled: int = 0
     resumed_batches: int = 0  # batches done by an earlier try, skipped without a request
+    lookups: int | None = None  # requests that resolved names to Ids (None: the rows carry Ids)
     reasons: Counter[str] = field(default_factory=Counter)
     sample: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -78,6 +79,8 @@ class RunTally:
             f"{rate:.0f} rows/s, {limiter_wait_s:.1f} s waited in the rate limiter (all threads), "
             f"{rate_limited} x 429 ({rate_wait_s:.1f} s held)"
         )
+        if self.lookups is not None:
+            line += f", {self.lookups} look-up requests"
         if total and rate > 0:
             line += f", ETA {max(0.0, (total - self.done) / rate):.0f} s"
         return line
@@ -103,6 +106,7 @@ class RunTally:
             "not_reached": self.not_reached,
             "reconciled": self.reconciled,
             "resumed_batches": self.resumed_batches,
+            **({"lookups": self.lookups} if self.lookups is not None else {}),
             "duration_s": round(duration, 3),
             "rows_per_s": round(self.done / duration, 1) if duration > 0 else 0.0,
             "rejection_reasons": dict(self.reasons.most_common(10)),
@@ -123,7 +127,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     keys = (
         "rows_read", "rows_total", "added", "updated", "unchanged", "skipped_existing", "rejected", "not_reached",
         "canceled", "deleted", "planned_removals", "reconciled",
-        "resumed_batches", "requests", "limiter_wait_s", "rate_limited", "rate_limit_wait_s", "duration_s",
+        "resumed_batches", "lookups", "requests", "limiter_wait_s", "rate_limited", "rate_limit_wait_s", "duration_s",
         "rows_per_s",
     )  # fmt: skip
     width = max(len(k) for k in keys)

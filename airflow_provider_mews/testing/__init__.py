@@ -5,9 +5,17 @@ from airflow_provider_mews.testing.sandbox import (
     DEMO_CLIENT_TOKEN,
     MewsSandbox,
     SandboxConfig,
+    SeededProgram,
 )
 
-__all__ = ["DEMO_ACCESS_TOKEN", "DEMO_CLIENT_TOKEN", "MewsSandbox", "SandboxConfig", "connection_json"]
+__all__ = [
+    "DEMO_ACCESS_TOKEN",
+    "DEMO_CLIENT_TOKEN",
+    "MewsSandbox",
+    "SandboxConfig",
+    "SeededProgram",
+    "connection_json",
+]
 
 
 def connection_json(

@@ -70,3 +70,27 @@ def write_sqlite(
         conn.commit()
     finally:
         conn.close()
+
+
+def guests(count: int, shared_emails: int = 0, mixed_case: bool = False) -> Iterator[dict[str, Any]]:
+    """``count`` guest profiles for ``MewsSandbox.add_customer``: guest n (from 1) has e-mail
+    ``guest{n}@example.com``, loyalty code ``LC{n:06d}`` and names ``Guest{n}``/``Tester``.
+
+    The last ``shared_emails`` profiles are duplicates (hotels keep several profiles per person):
+    they reuse the e-mails of guests 1, 2, ... with their own Ids and loyalty codes. With
+    ``mixed_case`` every even-numbered guest's e-mail is stored with capitals
+    (``Guest2@Example.COM``), as guests type them."""
+    if count < 0 or not 0 <= shared_emails <= count // 2:
+        raise ValueError(f"shared_emails must be within 0..count // 2 ({count // 2}), got {shared_emails}")
+    for n in range(1, count + 1):
+        owner = n - (count - shared_emails) if n > count - shared_emails else n
+        email = f"guest{owner}@example.com"
+        if mixed_case and n % 2 == 0:
+            email = f"Guest{owner}@Example.COM"
+        yield {
+            "email": email,
+            "first_name": f"Guest{n}",
+            "last_name": "Tester",
+            "loyalty_code": f"LC{n:06d}",
+            "phone": f"+420 600 {n:06d}",
+        }

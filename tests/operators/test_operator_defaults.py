@@ -27,6 +27,8 @@ EXAMPLE_TASKS = {
     ("mews_loyalty_from_sqlite", "add_memberships"): False,
     ("mews_loyalty_from_task", "add_memberships"): False,
     ("mews_loyalty_sharded", "add_shard"): True,
+    ("mews_loyalty_from_crm", "add_members"): False,
+    ("mews_crm_roundtrip", "add_missing"): False,
 }
 
 

@@ -3,7 +3,7 @@
 What a retried try relies on: a batch an earlier try wrote is replaced, never duplicated; a
 try that starts on a task instance with no rows inserts without deleting; and the delete and
 the check are index lookups (created with new tables and added to tables of older versions),
-so tables holding many runs stay fast. PostgreSQL: ``tests/test_postgres.py``.
+so tables holding many runs stay fast. PostgreSQL: ``tests/operators/test_postgres.py``.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def test_a_retried_try_replaces_what_an_earlier_try_wrote_and_adds_the_rest(db):
 
     results = rows(db, RESULTS)
     assert [r[0] for r in results] == [r for s in (1, 1001, 2001, 3001) for r in range(s, s + 999)]
-    ids = {r[0]: r[-3] for r in results}  # results end with mews_membership_id, outcome, changed_fields
+    ids = {r[0]: r[-4] for r in results}  # results end with mews_membership_id, outcome, changed_fields, tier
     assert ids[1] == "try1-1" and ids[2001] == "try2-2001" and ids[3998] == "try2-3998"
     assert [r[0] for r in rows(db, REJECTIONS)] == [1000, 2000, 3000, 4000]
     assert [r[-3] for r in rows(db, REJECTIONS)][2:] == ["try2: bad points"] * 2

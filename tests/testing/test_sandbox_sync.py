@@ -28,7 +28,7 @@ from jsonschema import Draft202012Validator
 
 from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN, MewsSandbox
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 SYNC_SCHEMA = json.loads((DATA / "loyalty-memberships-update-delete.schema.json").read_text())
 ADD_SCHEMA = json.loads((DATA / "loyalty-memberships.schema.json").read_text())
 AUTH = {

@@ -38,7 +38,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN, MewsSandbox, SandboxConfig
 from airflow_provider_mews.testing.sandbox import FORMAT_CHECKER as SANDBOX_FORMATS
 
-SCHEMA = json.loads((Path(__file__).parent / "data" / "loyalty-memberships.schema.json").read_text())
+SCHEMA = json.loads((Path(__file__).parents[1] / "data" / "loyalty-memberships.schema.json").read_text())
 STATES = ["New", "Pending", "Enrolled", "Canceled", "Declined"]
 INT32 = (-(2**31), 2**31 - 1)
 AUTH = {"ClientToken": DEMO_CLIENT_TOKEN, "AccessToken": DEMO_ACCESS_TOKEN, "Client": "sandbox tests 1.0"}
@@ -647,7 +647,7 @@ def test_contract_copies_match_the_shared_contract(name):
             "the API contract folder ../shared/mews-api",
             f"only the maintainers' layout has it (or set MEWS_API_CONTRACT_DIR); {shared_dir} is absent",
         )
-    copy = Path(__file__).parent / "data" / name
+    copy = Path(__file__).parents[1] / "data" / name
     assert copy.read_bytes() == (shared_dir / name).read_bytes(), (
         f"tests/data/{name} differs from {shared_dir}"
     )

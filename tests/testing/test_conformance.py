@@ -34,13 +34,21 @@ from conftest import ROOT, needs, task_result
 from airflow_provider_mews.testing import DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN, MewsSandbox, connection_json
 from airflow_provider_mews.testing.sample_data import write_sqlite
 
-OPENAPI = Path(__file__).parent / "data" / "mews-connector-openapi.yaml"
+OPENAPI = Path(__file__).parents[1] / "data" / "mews-connector-openapi.yaml"
 OPERATIONS = (
     "loyaltyMemberships/add",
     "loyaltyMemberships/getAll",
     "configuration/get",
     "loyaltyMemberships/update",
     "loyaltyMemberships/delete",
+)
+#: The look-up reads (resolving guests, programmes, tiers; incremental exports): each is sent
+#: through Prism by test_the_validator_checks_the_look_up_reads, valid and invalid.
+READ_OPERATIONS = (
+    "customers/getAll",
+    "loyaltyPrograms/getAll",
+    "loyaltyTiers/getAll",
+    "loyaltyMemberships/getAll",
 )
 PREFIX = "/api/connector/v1/"
 AUTH = {"ClientToken": DEMO_CLIENT_TOKEN, "AccessToken": DEMO_ACCESS_TOKEN, "Client": "conformance 1.0"}
@@ -211,6 +219,70 @@ def test_the_validator_refuses_invalid_update_and_delete_requests(prism, mews_sa
     fine = _post(prism.url, "loyaltyMemberships/delete", {**AUTH, "LoyaltyMembershipIds": [mid]})
     assert fine.status_code == 200 and fine.json() == {}, fine.text
     assert not prism.errors(since), prism.text()[since:]
+
+
+def test_the_validator_checks_the_look_up_reads(prism, mews_sandbox):
+    """customers/getAll, loyaltyPrograms/getAll, loyaltyTiers/getAll and the time filters of
+    loyaltyMemberships/getAll are described: valid look-ups pass both ways (the seeded answers
+    match the schemas) and Prism refuses invalid ones before the sandbox sees them."""
+    mews_sandbox.configure(rate_limit_requests=1_000_000)
+    gold = mews_sandbox.add_loyalty_program("GOLD", tiers=["SILVER", "GOLD"])
+    mews_sandbox.add_customers(6, shared_emails=2, mixed_case=True)
+    mews_sandbox.seed_memberships(5, start_utc="2025-01-01T00:00:00Z", end_utc="2025-03-01T00:00:00Z")
+    quarter = {"StartUtc": "2025-01-01T00:00:00Z", "EndUtc": "2025-04-01T00:00:00Z"}
+    page = {"Count": 2, "Cursor": None}
+    extent = {"Customers": True, "Addresses": False}
+    valid = [
+        ("customers/getAll", {"Extent": extent, "Emails": ["guest1@example.com"], "Limitation": page}),
+        ("customers/getAll", {"Extent": extent, "LoyaltyCodes": ["LC000002"], "ActivityStates": ["Active"],
+                              "Limitation": page}),
+        ("customers/getAll", {"Extent": {"Customers": False}, "CustomerIds": [str(uuid.uuid4())],
+                              "Limitation": page}),
+        ("loyaltyPrograms/getAll", {"Codes": ["GOLD"], "ActivityStates": ["Active"], "Limitation": page}),
+        ("loyaltyPrograms/getAll", {"UpdatedUtc": {"StartUtc": None, "EndUtc": "2030-01-01T00:00:00Z"},
+                                    "Limitation": page}),
+        ("loyaltyTiers/getAll", {"LoyaltyProgramIds": [gold.id], "Limitation": page}),
+        ("loyaltyMemberships/getAll", {"CreatedUtc": quarter, "ActivityStates": ["Active"], "Limitation": page}),
+        ("loyaltyMemberships/getAll", {"UpdatedUtc": quarter, "Limitation": {"Count": 1000}}),
+    ]  # fmt: skip
+    invalid = [
+        ("customers/getAll", {"Emails": ["guest1@example.com"], "Limitation": page}),  # no Extent
+        ("customers/getAll", {"Extent": extent, "CompanyIds": [str(uuid.uuid4()), str(uuid.uuid4())],
+                              "Limitation": page}),
+        ("customers/getAll", {"Extent": extent, "Emails": [], "Limitation": page}),
+        ("loyaltyPrograms/getAll", {"Codes": ["GOLD"], "Limitation": {"Count": 0}}),
+        ("loyaltyPrograms/getAll", {"Codes": ["GOLD"], "Options": {}, "Limitation": page}),
+        ("loyaltyTiers/getAll", {"Limitation": page}),  # LoyaltyProgramIds is required
+        ("loyaltyTiers/getAll", {"LoyaltyProgramIds": ["GOLD"], "Limitation": page}),
+        ("loyaltyMemberships/getAll", {"CreatedUtc": {"StartUtc": "2025-01-01"}, "Limitation": page}),
+    ]  # fmt: skip
+    since = prism.mark()
+    for operation, body in valid:
+        answer = _post(prism.url, operation, {**AUTH, **body})
+        assert answer.status_code == 200, (operation, body, answer.text)
+    answers = [_post(prism.url, op, {**AUTH, **body}).json() for op, body in valid[:2]]
+    assert len(answers[0]["Customers"]) == 2 and answers[1]["Customers"][0]["Email"] == "Guest2@Example.COM"
+    assert not prism.errors(since), prism.text()[since:]
+    seen = prism.operations(since)
+    assert set(READ_OPERATIONS) <= set(seen), f"not every read went through Prism: {dict(seen)}"
+    since = prism.mark()
+    before = mews_sandbox.stats()
+    for operation, body in invalid:
+        answer = _post(prism.url, operation, {**AUTH, **body})
+        assert answer.status_code == 422, (operation, body, answer.text)
+    after = mews_sandbox.stats()
+    assert {k: v for k, v in after.items() if k.startswith("requests:")} == {
+        k: v for k, v in before.items() if k.startswith("requests:")
+    }  # nothing reached the sandbox
+    assert len(prism.errors(since)) == len(invalid), prism.text()[since:]
+    # What Prism cannot see, the sandbox refuses: no filter at all, and an interval over 3 months.
+    for operation, body in [
+        ("customers/getAll", {"Extent": extent, "Limitation": page}),
+        ("loyaltyMemberships/getAll", {"CreatedUtc": {**quarter, "EndUtc": "2025-04-02T00:00:00Z"},
+                                       "Limitation": page}),
+    ]:  # fmt: skip
+        answer = _post(prism.url, operation, {**AUTH, **body})
+        assert answer.status_code == 400, answer.text
 
 
 def test_the_validator_refuses_what_the_description_forbids(prism, mews_sandbox):
