@@ -924,7 +924,7 @@ class MewsConnectorHook(BaseHook):
         (:func:`time_slices`), each paged with :meth:`paginate`. A slice's pages form one chain
         (each answer's ``Cursor`` is needed for the next request), so one slice moves at one page
         per answer's latency; a range of at least two days is therefore cut into at least
-        ``max_workers`` slices (none shorter than a day, :func:`slice_count`), enough chains at
+        ``max_workers`` slices (none shorter than a day, ``slice_count``), enough chains at
         once to keep the token's limiter busy. A nightly interval stays one slice.
 
         Whether Mews treats an interval's ends as inclusive is not documented, so a record
