@@ -94,6 +94,8 @@ class SyncRun(MembershipRun):
             budget=self.budget,
             stop=self.stop,
             dry_run=self.sync.dry_run,
+            known_refusals=lambda batch: self.checkpoint.known_refusals(batch.index, batch.fingerprint),
+            on_refused=self.note_refused,
         )
 
     # -- the run --
