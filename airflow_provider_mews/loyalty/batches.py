@@ -55,31 +55,53 @@ def isolate_refusals(
     until every refused item is alone, and hand that item to ``refused``.
 
     Mews answers a refused batch with one message for the whole request, so splitting is the
-    only way to learn which rows it meant. The search goes by rounds: every part of a round is
-    sent, then the refused ones are split for the next. With ``width`` 1 a refused group is
-    halved and the parts leave one by one (r refused rows of n cost about 2·r·log2(n) requests,
-    one after the other). With a larger ``width`` the parts of a round leave at once (each in
-    its own thread, under the hook's rate limiter) and a round's refused groups are split into
-    ``width // groups`` parts each (at least 2): r refused rows of n take about log(n) / log(width / r)
-    rounds of parallel requests instead of a chain of 2·r·log2(n). Every accepted row is sent
-    once either way. ``send`` records what it sent and returns None, or returns the refusal
-    (:func:`is_row_refusal`) and records nothing; any other error it raises (the first is
-    raised after the rest of its round has ended). ``send`` and ``refused`` must be thread-safe
-    when ``width`` > 1.
+    only way to learn which rows it meant. With ``width`` 1 a refused group is halved and the
+    halves leave one after the other, depth first (r refused rows of n cost about 2·r·log2(n)
+    requests, in a chain). With a larger ``width`` the search goes by rounds: the parts of a
+    round leave at once (each in its own thread, under the hook's rate limiter)
+    and each refused group is split into ``width // refused groups`` parts (at least 2), so a
+    few refused rows among n take about log(n) / log(width / r) rounds instead of a chain. When
+    most parts of a round of 4 or more are refused (many refused rows: parallel parts would mostly be
+    refused too, and the rejection budget may stop the run soon), the rest goes depth first,
+    as with ``width`` 1. Every accepted row is sent once either way. ``send`` records what it
+    sent and returns None, or returns the refusal (:func:`is_row_refusal`) and records nothing;
+    any other error it raises (in a round, after the round's other parts ended). ``send`` and
+    ``refused`` must be thread-safe when ``width`` > 1. ``stop`` is checked before each send and
+    each hand-over.
     """
     level = [list(items)] if items else []
-    while level:
-        if stop is not None and stop.is_set():
-            raise StopRun
+    while level and width > 1:
+        _check(stop)
         answers = _send_round(level, send, width)
         refused_groups = [(group, refusal) for group, refusal in zip(level, answers, strict=True) if refusal]
+        dense = len(level) >= 4 and 2 * len(refused_groups) > len(level)
+        parts = 2 if dense else max(2, width // max(1, len(refused_groups)))
         level = []
-        parts = max(2, width // max(1, len(refused_groups)))
         for group, refusal in refused_groups:
             if len(group) == 1:
+                _check(stop)
                 refused(group[0], refusal)
             else:
                 level += _split(group, parts)
+        if dense:
+            break
+    stack = level[::-1]  # depth first, in source order
+    while stack:
+        group = stack.pop()
+        _check(stop)
+        answer = send(group)
+        if answer is None:
+            continue
+        if len(group) == 1:
+            refused(group[0], answer)
+        else:
+            half = len(group) // 2
+            stack += [group[half:], group[:half]]
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise StopRun
 
 
 def _split(group: list[T], parts: int) -> list[list[T]]:
@@ -109,14 +131,20 @@ def _send_round(
         except BaseException as exc:  # raised in the caller's thread once the round has ended
             errors.append(exc)
 
-    threads = [
-        threading.Thread(target=one, args=(i,), name=f"mews-isolate-{i}", daemon=True)
-        for i in range(len(level))
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # A round holds at most max(width, 4) parts (isolate_refusals goes depth first when most
+    # of a round's parts are refused); more would leave in waves.
+    wave = max(width, 4)
+    for first in range(0, len(level), wave):
+        threads = [
+            threading.Thread(target=one, args=(i,), name=f"mews-isolate-{i}", daemon=True)
+            for i in range(first, min(len(level), first + wave))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            break
     if errors:
         real = [e for e in errors if not isinstance(e, (StopRun, MewsCallStopped))]
         raise (real or errors)[0]
@@ -241,6 +269,15 @@ class BatchResult:
         return self.error is None and self.unfinished == 0
 
 
+def isolation_width_for(hook: Any, max_active_requests: int | None = None) -> int:
+    """Parts an isolation sends at once: a tenth of the token's requests per period (a window of
+    a tenth leaves at once), 2 to ``ISOLATION_WIDTH``, and no more than ``max_active_requests``
+    (1: one request at a time, halves one after the other)."""
+    limit = getattr(getattr(hook, "limiter", None), "max_requests", None)
+    width = max(2, min(ISOLATION_WIDTH, limit // 10 if isinstance(limit, int) else ISOLATION_WIDTH))
+    return width if max_active_requests is None else max(1, min(width, max_active_requests))
+
+
 class RejectionBudget:
     """Rows that may be rejected before the run stops; shared by all worker threads."""
 
@@ -286,13 +323,11 @@ class BatchSender:
         #: where to note each refusal as it is proven: an interrupted isolation is not redone.
         self.known_refusals = known_refusals
         self.on_refused = on_refused
-        #: Requests an isolation sends at once (:func:`isolate_refusals`); by default a tenth of the
-        #: token's requests per period (a window of a tenth leaves at once), 2 to ISOLATION_WIDTH.
-        #: 1 halves a refused group and sends the halves one after the other.
-        if isolation_width is None:
-            limit = getattr(getattr(hook, "limiter", None), "max_requests", None)
-            isolation_width = max(2, min(ISOLATION_WIDTH, limit // 10 if isinstance(limit, int) else 8))
-        self.isolation_width = max(1, isolation_width)
+        #: Requests an isolation sends at once (:func:`isolate_refusals`); by default
+        #: :func:`isolation_width`. 1 halves a refused group and sends the halves one after the other.
+        self.isolation_width = max(
+            1, isolation_width if isolation_width is not None else isolation_width_for(hook)
+        )
         # if_exists="skip": (account, program) of rows being checked or added by a batch in flight,
         # so that the same membership in two concurrent batches is added once (getAll can't see it yet).
         self._in_flight: set[tuple[str, str]] = set()

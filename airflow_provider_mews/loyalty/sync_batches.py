@@ -150,6 +150,7 @@ class SyncBatchSender:
         dry_run: bool = False,
         known_refusals: Callable[[Any], dict[int, tuple[Any, ...]]] | None = None,
         on_refused: Callable[[Any, int, MewsError], None] | None = None,
+        isolation_width: int | None = None,
     ) -> None:
         self.hook = hook
         self.index = index
@@ -170,6 +171,7 @@ class SyncBatchSender:
             stop=stop,
             known_refusals=known_refusals,
             on_refused=on_refused,
+            isolation_width=isolation_width,
         )
 
     def run(self, batch: SyncBatch, stored_since: datetime | None = None) -> SyncBatchResult:

@@ -25,6 +25,7 @@ from typing import Any
 
 from airflow_provider_mews.exceptions import MewsError
 from airflow_provider_mews.loyalty.add_run import MembershipRun, RunSettings, Source
+from airflow_provider_mews.loyalty.batches import isolation_width_for
 from airflow_provider_mews.loyalty.scope import ScopeIndex
 from airflow_provider_mews.loyalty.sync_batches import (
     Remover,
@@ -101,6 +102,7 @@ class SyncRun(MembershipRun):
             dry_run=self.sync.dry_run,
             known_refusals=lambda batch: self.checkpoint.known_refusals(batch.index, batch.fingerprint),
             on_refused=self.note_refused,
+            isolation_width=isolation_width_for(self.hook, self.settings.max_active_requests),
         )
 
     # -- the run --
