@@ -302,7 +302,9 @@ def signals_raise() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, fault: Any = None) -> dict[str, Any]:
+    """One run; ``fault`` (benchmarks/redis_restart.py) may change the set-up (``setup``), act
+    while the DAG runs (``tick``) and add its checks to the result (``finish``)."""
     from airflow_provider_mews.testing.sample_data import write_sqlite
 
     python = sys.executable
@@ -345,6 +347,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wait_for("sandbox", lambda: requests.get(f"{sandbox_url}/_sandbox/stats", timeout=5).ok, 30, stack)
         if args.executor == "celery":
             wait_for("redis", lambda: redis_ping(ports["redis"]), 30, stack)
+        if fault is not None:
+            fault.setup(stack, env, work)
 
         stack.start("api-server", [airflow, "api-server", "--port", str(ports["api"]), "--host", "127.0.0.1"])
         stack.start("scheduler", [airflow, "scheduler"])
@@ -399,6 +403,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         last_note = 0.0
         while True:
             stack.check_alive()
+            if fault is not None:
+                fault.tick(sandbox_url)
             dag_run = api.get(f"dags/{DAG_ID}/dagRuns/{run_id}")
             if dag_run["state"] in ("success", "failed"):
                 break
@@ -412,7 +418,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log(
                     f"  {dict(states)}; sandbox stored {stats.get('stored', 0)}, 429s {stats.get('429', 0)}; load {load()}"
                 )
-            time.sleep(2)
+            time.sleep(2 if fault is None else 0.5)
         tis = api.get(f"dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")["task_instances"]
         summaries = []
         for ti in sorted(tis, key=lambda t: t["map_index"]):
@@ -432,6 +438,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             keys = redis_keys(ports["redis"], 2)
             result["redis_limiter_keys"] = keys
             result["checks"]["shared_state_in_redis"] = any(k.startswith(REDIS_KEY_PREFIX) for k in keys)
+            result["passed"] = all(result["checks"].values())
+        if fault is not None:
+            fault.finish(result, work, tis)
             result["passed"] = all(result["checks"].values())
         result["setup_s"] = round(setup_s, 1)
         result["sandbox_flags"] = extra_flags

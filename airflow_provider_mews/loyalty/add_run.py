@@ -40,6 +40,7 @@ from airflow_provider_mews.loyalty.batches import (
     BatchSender,
     RejectionBudget,
     build_batch,
+    isolation_width_for,
 )
 from airflow_provider_mews.loyalty.normalize import ColumnPlan
 from airflow_provider_mews.runs.checkpoint import Checkpoint, fold
@@ -127,6 +128,7 @@ class MembershipRun:
             stop=self.stop,
             known_refusals=lambda batch: self.checkpoint.known_refusals(batch.index, batch.fingerprint),
             on_refused=self.note_refused,
+            isolation_width=isolation_width_for(self.hook, s.max_active_requests),
         )
 
     def note_refused(self, batch: Batch, row: int, error: MewsError) -> None:

@@ -27,6 +27,9 @@ from airflow_provider_mews.runs.outputs import Outcome, Rejection
 ROW_REFUSALS = (400, 403)
 #: Rounds of "may have been stored -> reconcile -> resend" before giving up to an Airflow retry.
 MAX_DOUBT_ROUNDS = 3
+#: Most requests one isolation sends at once (its parts of a round); fewer when the token's
+#: rate is low: a tenth of its requests per period (a window of a tenth), at least 2.
+ISOLATION_WIDTH = 8
 
 T = TypeVar("T")
 
@@ -45,29 +48,107 @@ def isolate_refusals(
     send: Callable[[list[T]], MewsError | None],
     refused: Callable[[T, MewsError], None],
     stop: threading.Event | None = None,
+    *,
+    width: int = 1,
 ) -> None:
-    """Send ``items`` as one request; when Mews refuses it for its rows, send each half again
+    """Send ``items`` as one request; when Mews refuses it for its rows, send its parts again
     until every refused item is alone, and hand that item to ``refused``.
 
-    Mews answers a refused batch with one message for the whole request, so halving is the
-    only way to learn which rows it meant: r refused rows of n cost about 2·r·log2(n) more
-    requests, and every accepted row is sent once. ``send`` records what it sent and returns
-    None, or returns the refusal (:func:`is_row_refusal`) and records nothing; any other
-    error it raises. Groups leave in source order.
+    Mews answers a refused batch with one message for the whole request, so splitting is the
+    only way to learn which rows it meant. With ``width`` 1 a refused group is halved and the
+    halves leave one after the other, depth first (r refused rows of n cost about 2·r·log2(n)
+    requests, in a chain). With a larger ``width`` the search goes by rounds: the parts of a
+    round leave at once (each in its own thread, under the hook's rate limiter)
+    and each refused group is split into ``width // refused groups`` parts (at least 2), so a
+    few refused rows among n take about log(n) / log(width / r) rounds instead of a chain. When
+    most parts of a round of 4 or more are refused (many refused rows: parallel parts would mostly be
+    refused too, and the rejection budget may stop the run soon), the rest goes depth first,
+    as with ``width`` 1. Every accepted row is sent once either way. ``send`` records what it
+    sent and returns None, or returns the refusal (:func:`is_row_refusal`) and records nothing;
+    any other error it raises (in a round, after the round's other parts ended). ``send`` and
+    ``refused`` must be thread-safe when ``width`` > 1. ``stop`` is checked before each send and
+    each hand-over.
     """
-    stack = [list(items)] if items else []
+    level = [list(items)] if items else []
+    while level and width > 1:
+        _check(stop)
+        answers = _send_round(level, send, width)
+        refused_groups = [(group, refusal) for group, refusal in zip(level, answers, strict=True) if refusal]
+        dense = len(level) >= 4 and 2 * len(refused_groups) > len(level)
+        parts = 2 if dense else max(2, width // max(1, len(refused_groups)))
+        level = []
+        for group, refusal in refused_groups:
+            if len(group) == 1:
+                _check(stop)
+                refused(group[0], refusal)
+            else:
+                level += _split(group, parts)
+        if dense:
+            break
+    stack = level[::-1]  # depth first, in source order
     while stack:
         group = stack.pop()
-        if stop is not None and stop.is_set():
-            raise StopRun
-        refusal = send(group)
-        if refusal is None:
+        _check(stop)
+        answer = send(group)
+        if answer is None:
             continue
         if len(group) == 1:
-            refused(group[0], refusal)
+            refused(group[0], answer)
         else:
             half = len(group) // 2
             stack += [group[half:], group[:half]]
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise StopRun
+
+
+def _split(group: list[T], parts: int) -> list[list[T]]:
+    """``group`` in ``parts`` (at most one per item) consecutive parts of nearly equal size."""
+    parts = min(parts, len(group))
+    size, extra = divmod(len(group), parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + size + (1 if i < extra else 0)
+        out.append(group[start:stop])
+        start = stop
+    return out
+
+
+def _send_round(
+    level: list[list[T]], send: Callable[[list[T]], MewsError | None], width: int
+) -> list[MewsError | None]:
+    """Send every group of a round, at once when ``width`` > 1; the answers in order."""
+    if width <= 1 or len(level) == 1:
+        return [send(group) for group in level]
+    answers: list[MewsError | None] = [None] * len(level)
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            answers[i] = send(level[i])
+        except BaseException as exc:  # raised in the caller's thread once the round has ended
+            errors.append(exc)
+
+    # A round holds at most max(width, 4) parts (isolate_refusals goes depth first when most
+    # of a round's parts are refused); more would leave in waves.
+    wave = max(width, 4)
+    for first in range(0, len(level), wave):
+        threads = [
+            threading.Thread(target=one, args=(i,), name=f"mews-isolate-{i}", daemon=True)
+            for i in range(first, min(len(level), first + wave))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            break
+    if errors:
+        real = [e for e in errors if not isinstance(e, (StopRun, MewsCallStopped))]
+        raise (real or errors)[0]
+    return answers
 
 
 @dataclass
@@ -151,17 +232,20 @@ class BatchResult:
         # (item positions, their Mews Ids or None, outcome) in the order taken
         self._groups: list[tuple[list[int], Sequence[str | None], str]] = []
         self._outcomes: list[Outcome] | None = None
+        #: The parts of an isolation record their outcomes from several threads at once.
+        self.lock = threading.RLock()
 
     def take(self, positions: list[int], ids: Sequence[str | None], outcome: str) -> None:
         """Items at ``positions`` (of ``batch.items``) reached ``outcome``; ``ids`` pairs them."""
-        self._groups.append((positions, ids, outcome))
-        self._outcomes = None
-        if outcome == "added":
-            self.added += len(positions)
-        elif outcome == "skipped_existing":
-            self.skipped += len(positions)
-        else:
+        if outcome not in ("added", "skipped_existing"):
             raise ValueError(f"an add batch's rows are added or skipped_existing, not {outcome!r}")
+        with self.lock:
+            self._groups.append((positions, ids, outcome))
+            self._outcomes = None
+            if outcome == "added":
+                self.added += len(positions)
+            else:
+                self.skipped += len(positions)
 
     @property
     def outcomes(self) -> list[Outcome]:
@@ -192,6 +276,15 @@ class BatchResult:
     @property
     def complete(self) -> bool:
         return self.error is None and self.unfinished == 0
+
+
+def isolation_width_for(hook: Any, max_active_requests: int | None = None) -> int:
+    """Parts an isolation sends at once: a tenth of the token's requests per period (a window of
+    a tenth leaves at once), 2 to ``ISOLATION_WIDTH``, and no more than ``max_active_requests``
+    (1: one request at a time, halves one after the other)."""
+    limit = getattr(getattr(hook, "limiter", None), "max_requests", None)
+    width = max(2, min(ISOLATION_WIDTH, limit // 10 if isinstance(limit, int) else ISOLATION_WIDTH))
+    return width if max_active_requests is None else max(1, min(width, max_active_requests))
 
 
 class RejectionBudget:
@@ -226,6 +319,7 @@ class BatchSender:
         now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
         known_refusals: Callable[[Batch], dict[int, tuple[Any, ...]]] | None = None,
         on_refused: Callable[[Batch, int, MewsError], None] | None = None,
+        isolation_width: int | None = None,
     ) -> None:
         self.hook = hook
         self.if_exists = if_exists
@@ -238,6 +332,11 @@ class BatchSender:
         #: where to note each refusal as it is proven: an interrupted isolation is not redone.
         self.known_refusals = known_refusals
         self.on_refused = on_refused
+        #: Requests an isolation sends at once (:func:`isolate_refusals`); by default
+        #: :func:`isolation_width`. 1 halves a refused group and sends the halves one after the other.
+        self.isolation_width = max(
+            1, isolation_width if isolation_width is not None else isolation_width_for(hook)
+        )
         # if_exists="skip": (account, program) of rows being checked or added by a batch in flight,
         # so that the same membership in two concurrent batches is added once (getAll can't see it yet).
         self._in_flight: set[tuple[str, str]] = set()
@@ -325,16 +424,18 @@ class BatchSender:
         def send(group: list[int]) -> MewsError | None:
             refusal = self._add_group(result, group)
             if refusal is None:
-                self._remove(pending, group)
+                with result.lock:
+                    self._remove(pending, group)
             return refusal
 
         def refused(pos: int, error: MewsError) -> None:
             self._reject(result, pos, error)
-            self._remove(pending, [pos])
+            with result.lock:
+                self._remove(pending, [pos])
             if self.budget.exceeded:
                 self.stop.set()
 
-        isolate_refusals(pending, send, refused, self.stop)
+        isolate_refusals(pending, send, refused, self.stop, width=self.isolation_width)
 
     def _add_group(self, result: BatchResult, group: list[int]) -> MewsError | None:
         """Add one group. None when every row of it is accounted for; the refusal otherwise."""
@@ -362,7 +463,8 @@ class BatchSender:
                 )
                 mapped = {remaining[i]: mid for i, mid in found.items()}
                 self._take(result, remaining, mapped, "added")
-                result.reconciled += len(mapped)
+                with result.lock:
+                    result.reconciled += len(mapped)
                 if not remaining:
                     return None
                 continue
@@ -396,16 +498,16 @@ class BatchSender:
         item = batch.items[pos]
         row_no = batch.item_rows[pos]
         status = f"HTTP {error.status}" if error.status else "refused"
-        result.rejected.append(
-            Rejection(
-                row_no,
-                item["AccountId"],
-                None,
-                f"row {row_no} (AccountId {item['AccountId']}): Mews refused it ({status}): {error.message}",
-                error.request_id,
-                json.dumps(item),
-            )
+        rejection = Rejection(
+            row_no,
+            item["AccountId"],
+            None,
+            f"row {row_no} (AccountId {item['AccountId']}): Mews refused it ({status}): {error.message}",
+            error.request_id,
+            json.dumps(item),
         )
+        with result.lock:
+            result.rejected.append(rejection)
         self.budget.spend(1)
         if self.on_refused is not None:
             self.on_refused(batch, row_no, error)

@@ -82,18 +82,26 @@ class ScopeIndex:
         sweep_orphans(directory)
         self._dir = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=directory)
         self.path = os.path.join(self._dir, "scope.sqlite")
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            # A scratch file: no journal, no fsync; a bounded page cache keeps memory flat.
+            db.executescript(
+                f"""
+                PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-{int(cache_kib)};
+                PRAGMA temp_store=FILE;
+                CREATE TABLE scope (id TEXT PRIMARY KEY, account TEXT, program TEXT, state TEXT, data TEXT);
+                CREATE INDEX scope_key ON scope (account, program);
+                CREATE TABLE matched (id TEXT PRIMARY KEY, row INTEGER) WITHOUT ROWID;
+                """
+            )
+        except BaseException:  # e.g. a full disk: leave nothing behind
+            if db is not None:
+                db.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        self._db = db
         self.lock = threading.RLock()  # one statement (or transaction) at a time
-        # A scratch file: no journal, no fsync; a bounded page cache keeps memory flat.
-        self._db.executescript(
-            f"""
-            PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-{int(cache_kib)};
-            PRAGMA temp_store=FILE;
-            CREATE TABLE scope (id TEXT PRIMARY KEY, account TEXT, program TEXT, state TEXT, data TEXT);
-            CREATE INDEX scope_key ON scope (account, program);
-            CREATE TABLE matched (id TEXT PRIMARY KEY, row INTEGER) WITHOUT ROWID;
-            """
-        )
         self.size = 0
 
     # -- the scope --

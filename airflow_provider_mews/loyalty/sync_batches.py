@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -148,6 +148,9 @@ class SyncBatchSender:
         budget: RejectionBudget,
         stop: threading.Event,
         dry_run: bool = False,
+        known_refusals: Callable[[Any], dict[int, tuple[Any, ...]]] | None = None,
+        on_refused: Callable[[Any, int, MewsError], None] | None = None,
+        isolation_width: int | None = None,
     ) -> None:
         self.hook = hook
         self.index = index
@@ -156,7 +159,20 @@ class SyncBatchSender:
         self.budget = budget
         self.stop = stop
         self.dry_run = dry_run
-        self.adder = BatchSender(hook, if_exists="add", chain_id=chain_id, budget=budget, stop=stop)
+        #: Rows an earlier try proved Mews refuses (an add or an update), by source row, and where to
+        #: note each one proven (the checkpoint): an interrupted isolation is not redone.
+        self.known_refusals = known_refusals
+        self.on_refused = on_refused
+        self.adder = BatchSender(
+            hook,
+            if_exists="add",
+            chain_id=chain_id,
+            budget=budget,
+            stop=stop,
+            known_refusals=known_refusals,
+            on_refused=on_refused,
+            isolation_width=isolation_width,
+        )
 
     def run(self, batch: SyncBatch, stored_since: datetime | None = None) -> SyncBatchResult:
         """Take ``batch`` to its end. ``stored_since``: an earlier try may have sent its adds since then."""
@@ -267,7 +283,8 @@ class SyncBatchSender:
         if not items:
             return []
         # Only first/last_row's count matters to BatchSender (rows unfinished); outcomes carry item_rows.
-        inner = Batch(result.batch.index, 1, len(items), items, item_rows, [], "")
+        # Its index and fingerprint are the sync batch's: refusals are checkpointed under them.
+        inner = Batch(result.batch.index, 1, len(items), items, item_rows, [], result.batch.fingerprint)
         added = self.adder.run(inner, stored_since)
         result.outcomes += added.outcomes
         result.rejected += added.rejected
@@ -292,7 +309,18 @@ class SyncBatchSender:
         return follow
 
     def _update(self, result: SyncBatchResult, updates: list[_Update]) -> None:
-        """One update for the batch; refused rows are isolated (:func:`isolate_refusals`)."""
+        """One update for the batch; refused rows are isolated (:func:`isolate_refusals`), one
+        request after the other; rows an earlier try proved refused are rejected without one."""
+        known = self.known_refusals(result.batch) if self.known_refusals is not None and updates else {}
+        if known:
+            keep = []
+            for u in updates:
+                if u.outcome == "updated" and u.row.row in known:
+                    status, request_id, message = known[u.row.row]
+                    self._reject_update(result, u, MewsError(message, status=status, request_id=request_id))
+                else:
+                    keep.append(u)
+            updates = keep
 
         def send(group: list[_Update]) -> MewsError | None:
             try:
@@ -315,14 +343,19 @@ class SyncBatchSender:
             if u.outcome == "added":  # the add stands; only its ProviderMembershipId was refused
                 self._reject_follow_up(result, u, exc)
                 return
-            self._reject(
-                result, u.row, None,
-                f"row {u.row.row} (AccountId {u.row.account_id}): Mews refused the update of membership "
-                f"{u.membership_id} (HTTP {exc.status}): {exc.message}",
-                exc.request_id, json.dumps(update_item(u.membership_id, u.changes)),
-            )  # fmt: skip
+            self._reject_update(result, u, exc)
+            if self.on_refused is not None:
+                self.on_refused(result.batch, u.row.row, exc)
 
         isolate_refusals(updates, send, refused, self.stop)
+
+    def _reject_update(self, result: SyncBatchResult, u: _Update, exc: MewsError) -> None:
+        self._reject(
+            result, u.row, None,
+            f"row {u.row.row} (AccountId {u.row.account_id}): Mews refused the update of membership "
+            f"{u.membership_id} (HTTP {exc.status}): {exc.message}",
+            exc.request_id, json.dumps(update_item(u.membership_id, u.changes)),
+        )  # fmt: skip
 
     def _reject_follow_up(self, result: SyncBatchResult, u: _Update, exc: MewsError) -> None:
         # The row was added (its outcome stands); only setting its ProviderMembershipId was refused.

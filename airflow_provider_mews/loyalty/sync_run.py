@@ -25,6 +25,7 @@ from typing import Any
 
 from airflow_provider_mews.exceptions import MewsError
 from airflow_provider_mews.loyalty.add_run import MembershipRun, RunSettings, Source
+from airflow_provider_mews.loyalty.batches import isolation_width_for
 from airflow_provider_mews.loyalty.scope import ScopeIndex
 from airflow_provider_mews.loyalty.sync_batches import (
     Remover,
@@ -78,7 +79,12 @@ class SyncRun(MembershipRun):
     ) -> None:
         self.sync = sync
         self.sync_plan = plan
-        self.index = ScopeIndex(sync.work_dir)
+        try:
+            self.index = ScopeIndex(sync.work_dir)
+        except (sqlite3.Error, OSError) as exc:  # sync_work_dir already full: nothing was sent yet
+            if not is_disk_full(exc):
+                raise
+            raise work_dir_full(sync.work_dir, None, exc) from exc
         self.refusal: str | None = None  # why the mirror was refused before any write
         self.removals_refused: list[str] = []
         self.planned_removals: int | None = None
@@ -94,6 +100,9 @@ class SyncRun(MembershipRun):
             budget=self.budget,
             stop=self.stop,
             dry_run=self.sync.dry_run,
+            known_refusals=lambda batch: self.checkpoint.known_refusals(batch.index, batch.fingerprint),
+            on_refused=self.note_refused,
+            isolation_width=isolation_width_for(self.hook, self.settings.max_active_requests),
         )
 
     # -- the run --
@@ -112,22 +121,9 @@ class SyncRun(MembershipRun):
         except (sqlite3.Error, OSError) as exc:
             if not is_disk_full(exc):
                 raise
-            raise self.work_dir_full(exc) from exc
+            raise work_dir_full(self.sync.work_dir, self.index.size, exc) from exc
         finally:
             self.index.close()
-
-    def work_dir_full(self, exc: BaseException) -> AirflowException:
-        """The scope index's disk filled up. Nothing was removed: removals come only after every
-        row is done, and this error ends the try before them."""
-        where = (
-            self.sync.work_dir or f"{tempfile.gettempdir()} (the default: the system's temporary directory)"
-        )
-        return AirflowException(
-            f"The sync's on-disk scope index ran out of space in sync_work_dir={where} after "
-            f"{self.index.size} memberships of the scope (it needs about 200 bytes per membership): "
-            f"nothing was removed from Mews. Point sync_work_dir at a directory with room for the scope, "
-            f"or free space there; Airflow's retry starts the sync over. ({type(exc).__name__}: {exc})"
-        )
 
     def prepare(self) -> None:
         """List the scope, match every row against it (no write), check ``max_removals``."""
@@ -292,6 +288,24 @@ class SyncRun(MembershipRun):
                 + "; ".join(self.removals_refused[:5])
             )
         return found
+
+
+def work_dir_full(work_dir: str | None, size: int | None, exc: BaseException) -> AirflowException:
+    """The scope index's disk filled up (``size`` memberships in, or None: while creating it, before
+    any request). Nothing was removed: removals come only after every row is done, and this
+    error ends the try before them."""
+    where = work_dir or f"{tempfile.gettempdir()} (the default: the system's temporary directory)"
+    when = (
+        "while creating it, before the sync sent anything"
+        if size is None
+        else f"after {size} memberships of the scope"
+    )
+    return AirflowException(
+        f"The sync's on-disk scope index ran out of space in sync_work_dir={where} {when} "
+        f"(it needs about 200 bytes per membership): nothing was removed from Mews. Point sync_work_dir "
+        f"at a directory with room for the scope, or free space there; Airflow's retry starts the sync "
+        f"over. ({type(exc).__name__}: {exc})"
+    )
 
 
 def is_disk_full(exc: BaseException) -> bool:

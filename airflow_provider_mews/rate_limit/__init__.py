@@ -23,7 +23,8 @@ on a best-effort sliding window that "can be changed without prior notice". The 
   SQLite file (:mod:`.local`), with no configuration; and between hosts in Redis when the
   connection names one (``extra.rate_limit_redis_conn_id``, :mod:`.redis`). If Redis
   cannot be reached, the limiter falls back to the host's SQLite state at
-  ``FALLBACK_SHARE`` of the rate and says so once in the log.
+  ``FALLBACK_SHARE`` of the rate and says so once in the log; it asks Redis again every
+  ``REDIS_RETRY_S`` and, once Redis answers, shares the budget through it again (logged once).
 
 Why not pyrate-limiter or ``limits``: both implement fixed-rate window or bucket algorithms
 whose rates are set when the bucket is built. Measured with pyrate-limiter 4.5.1,
@@ -52,11 +53,14 @@ DEFAULT_MAX_REQUESTS = 200
 DEFAULT_PERIOD_S = 30.0
 #: Share of the configured rate used on this host while Redis is unreachable.
 FALLBACK_SHARE = 0.25
+#: Seconds between two attempts to reach Redis again while falling back.
+REDIS_RETRY_S = 5.0
 
 __all__ = [
     "DEFAULT_MAX_REQUESTS",
     "DEFAULT_PERIOD_S",
     "FALLBACK_SHARE",
+    "REDIS_RETRY_S",
     "TokenLimiter",
     "limiter_for",
 ]
@@ -89,6 +93,12 @@ class TokenLimiter:
         self.waited_s = 0.0
         #: 429s that lowered the rate (one per congestion epoch).
         self.cuts = 0
+        #: While Redis is unreachable: (its backend, key, params) to go back to, and when to try.
+        self._shared: tuple[Backend, str, Params] | None = None
+        self._retry_at = 0.0
+        #: Times this limiter fell back to the host (Redis unreachable) and came back to Redis.
+        self.fallbacks = 0
+        self.recoveries = 0
 
     @property
     def max_requests(self) -> int:
@@ -129,6 +139,10 @@ class TokenLimiter:
                 self.cuts += 1
 
     def _backend_call(self, name: str, *args: Any) -> Any:
+        if self._shared is not None and name == "reserve" and time.monotonic() >= self._retry_at:
+            back = self._try_shared(name, *args)
+            if back is not None:
+                return back[0]
         try:
             return self._call(name, *args)
         except Exception as exc:
@@ -138,29 +152,61 @@ class TokenLimiter:
             return self._call(name, *args)
 
     def _call(self, name: str, *args: Any) -> Any:
+        backend, key, params = self.backend, self.key, self.params
         if name == "hold_remaining":
-            return self.backend.hold_remaining(self.key)
+            return backend.hold_remaining(key)
         if name == "stale":
-            return self.backend.stale(self.key, *args)
-        return getattr(self.backend, name)(self.key, self.params, *args)
+            return backend.stale(key, *args)
+        return getattr(backend, name)(key, params, *args)
 
     def _fall_back(self, exc: BaseException) -> None:
         with self._lock:
-            if self.redis_conn_id is None:
+            if self.redis_conn_id is None or self._shared is not None:
                 return
             log.warning(
                 "Mews rate limiter: Redis connection '%s' is unreachable (%s: %s); this worker now paces "
-                "requests on its host only, at %.0f%% of the configured rate, for the rest of the task.",
+                "requests on its host only, at %.0f%% of the configured rate, until Redis answers again "
+                "(asked every %.0f s).",
                 self.redis_conn_id,
                 type(exc).__name__,
                 str(exc)[:200],
                 FALLBACK_SHARE * 100,
+                REDIS_RETRY_S,
             )
-            self.redis_conn_id = None
+            self.fallbacks += 1
+            self._shared = (self.backend, self.key, self.params)
+            self._retry_at = time.monotonic() + REDIS_RETRY_S
             share = max(1, int(self.params.limit * FALLBACK_SHARE))
             self.params = Params(share, self.params.period_s, self.params.burst)
             self.key = f"{self.key}:fallback"
             self.backend = _local_backend()
+
+    def _try_shared(self, name: str, *args: Any) -> tuple[Any] | None:
+        """While falling back: one thread at a time asks Redis again; when it answers, every
+        later call shares the budget through it again. Returns (Redis's answer,) or None."""
+        with self._lock:
+            shared = self._shared
+            if shared is None or time.monotonic() < self._retry_at:
+                return None
+            self._retry_at = time.monotonic() + REDIS_RETRY_S  # the other threads keep falling back
+        backend, key, params = shared
+        try:
+            answer = getattr(backend, name)(key, params, *args)
+        except Exception as exc:
+            if not _is_redis_failure(exc):
+                raise
+            return None
+        with self._lock:
+            if self._shared is shared:
+                self.backend, self.key, self.params = shared
+                self._shared = None
+                self.recoveries += 1
+                log.info(
+                    "Mews rate limiter: Redis connection '%s' is reachable again; this worker shares the "
+                    "AccessToken's budget through it again, at the whole configured rate.",
+                    self.redis_conn_id,
+                )
+        return (answer,)
 
 
 def _is_redis_failure(exc: BaseException) -> bool:

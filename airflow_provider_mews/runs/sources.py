@@ -29,6 +29,41 @@ class SourceError(ValueError):
     """The source cannot be read as configured; raised before anything is sent."""
 
 
+class SourceUnavailable(Exception):
+    """The source database failed in a way that passes (the connection lost, the server
+    restarting or shutting down, a deadlock): not the configuration's fault, so the task fails
+    as any error does and Airflow's retry runs the query again."""
+
+
+#: SQLSTATE classes of faults that pass: connection exception (08), transaction rollback
+#: (40: serialization failure, deadlock), insufficient resources (53), operator intervention
+#: (57: admin/crash shutdown, cannot connect now, query canceled), system error (58).
+TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
+#: sqlite3 raises OperationalError for a missing table as for a locked file: only these pass.
+_SQLITE_TRANSIENT = ("locked", "busy", "disk i/o", "unable to open")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error passes (retry) rather than names a mistake (fail once).
+
+    The SQLSTATE decides when the driver gives one (psycopg2 ``pgcode``, psycopg ``sqlstate``,
+    any driver exposing either): classes 08, 40, 53, 57 and 58 pass; syntax errors, missing
+    tables or columns, permissions (42) and bad data (22) do not. Without one, a DB-API
+    ``OperationalError`` or ``InterfaceError`` (the connection closed under the cursor, the
+    server gone away) passes, except sqlite3's, which passes only for a locked or unreadable
+    file; a socket error or timeout passes; anything else does not.
+    """
+    code = getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)
+    if isinstance(code, str) and len(code) == 5:
+        return code[:2] in TRANSIENT_SQLSTATE_CLASSES
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"OperationalError", "InterfaceError"}:
+        if type(exc).__module__ == "sqlite3":
+            return any(word in str(exc).lower() for word in _SQLITE_TRANSIENT)
+        return True
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
 def rows_from_value(value: Any) -> list[Mapping[str, Any]]:
     """Accept what ``memberships=`` may hold after templating: a list of mappings (or its text)."""
     if isinstance(value, str):
@@ -115,19 +150,25 @@ class SqlSource:
         server_cursor = self._server_side_cursor()
         self._server_side = server_cursor is not None
         self._cursor = server_cursor or self._conn.cursor()
-        try:
-            self._cursor.execute(self.sql)
-        except Exception as exc:
-            self.close()
-            raise SourceError(
-                f"the source query failed on connection {self.hook.get_conn_id()!r}: "
-                f"{type(exc).__name__}: {str(exc).strip()[:500]}"
-            ) from exc
         self._first = None
         self._started = False
-        if self._cursor.description is None and self._server_side:
-            # A psycopg2 named cursor describes its columns only after the first fetch.
-            self._first = self._cursor.fetchmany(self.chunk_size)
+        try:
+            self._cursor.execute(self.sql)
+            if self._cursor.description is None and self._server_side:
+                # A psycopg2 named cursor describes its columns only after the first fetch.
+                self._first = self._cursor.fetchmany(self.chunk_size)
+        except Exception as exc:
+            self.close()
+            what = (
+                f"the source query failed on connection {self.hook.get_conn_id()!r}: "
+                f"{type(exc).__name__}: {str(exc).strip()[:500]}"
+            )
+            if is_transient(exc):
+                raise SourceUnavailable(
+                    f"{what}. The database failed, not the query: Airflow's retry runs it again."
+                ) from exc
+            setting = "table" if self.table is not None else "sql"
+            raise SourceError(f"{what}. Check {setting}= and sql_conn_id (this does not retry).") from exc
         if self._cursor.description is None:
             self.close()
             raise SourceError("the source query returned no result set; it must be a SELECT")

@@ -78,3 +78,53 @@ with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1,
     assert not writes, writes[:3]
     assert {m["Id"]: m.get("State") for m in mews_sandbox.memberships()} == before
     assert not os.listdir(small_disk), "the scope index was left on the full disk"
+
+
+def test_a_sync_work_dir_already_full_fails_clearly_before_sending_anything(
+    run_dag, mews_sandbox: Any, mews_conn: str, small_disk: Path, capfd: Any
+) -> None:
+    """The disk is full before the sync starts: creating the index (in ``SyncRun.__init__``)
+    fails with the same error naming ``sync_work_dir``, before any request, leaving nothing."""
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:  # fill the tmpfs to its last byte
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    stored = seed_sandbox(mews_sandbox, 20, PROGRAM)
+    rows = [
+        {"AccountId": m["AccountId"], "LoyaltyProgramId": PROGRAM, "IsPrimary": True, "Code": m["Code"]}
+        for m in stored[:10]
+    ]
+    before = {m["Id"]: m.get("State") for m in mews_sandbox.memberships()}
+    log_before = len(mews_sandbox.request_log())
+    dag_id = "rel_sync_work_dir_full_at_start"
+    dr = run_dag(
+        dag_id,
+        f"""
+import pendulum
+from airflow.sdk import DAG
+from airflow_provider_mews.operators.loyalty_memberships import LoyaltyMembershipSyncOperator
+
+with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False):
+    LoyaltyMembershipSyncOperator(
+        task_id="mirror",
+        memberships={rows!r},
+        loyalty_program_ids=[{PROGRAM!r}],
+        on_missing="cancel",
+        max_removals="100%",
+        sync_work_dir={str(small_disk)!r},
+        retries=0,
+    )
+""",
+    )
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert dr.state == "failed"
+    assert f"ran out of space in sync_work_dir={small_disk} while creating it" in text, text[-3000:]
+    assert "nothing was removed from Mews" in text
+    assert mews_sandbox.request_log()[log_before:] == []  # not even the scope's listing
+    assert {m["Id"]: m.get("State") for m in mews_sandbox.memberships()} == before
+    assert os.listdir(small_disk) == ["filler"], "the scope index was left on the full disk"
