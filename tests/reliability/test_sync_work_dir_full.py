@@ -40,17 +40,13 @@ def small_disk() -> Iterator[Path]:
         mount.rmdir()
 
 
-def test_a_full_sync_work_dir_fails_clearly_and_removes_nothing(
-    run_dag, mews_sandbox: Any, mews_conn: str, small_disk: Path, capfd: Any
-) -> None:
-    stored = seed_sandbox(mews_sandbox, SCOPE, PROGRAM)
+def mirror_onto(run_dag: Any, dag_id: str, stored: list[dict[str, Any]], work_dir: Path) -> Any:
+    """Run a mirror of 10 of the stored memberships with its scope index in ``work_dir``."""
     rows = [
         {"AccountId": m["AccountId"], "LoyaltyProgramId": PROGRAM, "IsPrimary": True, "Code": m["Code"]}
         for m in stored[:10]
     ]
-    before = {m["Id"]: m.get("State") for m in mews_sandbox.memberships()}
-    dag_id = "rel_sync_work_dir_full"
-    dr = run_dag(
+    return run_dag(
         dag_id,
         f"""
 import pendulum
@@ -64,11 +60,19 @@ with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1,
         loyalty_program_ids=[{PROGRAM!r}],
         on_missing="cancel",
         max_removals="100%",
-        sync_work_dir={str(small_disk)!r},
+        sync_work_dir={str(work_dir)!r},
         retries=0,
     )
 """,
     )
+
+
+def test_a_full_sync_work_dir_fails_clearly_and_removes_nothing(
+    run_dag, mews_sandbox: Any, mews_conn: str, small_disk: Path, capfd: Any
+) -> None:
+    stored = seed_sandbox(mews_sandbox, SCOPE, PROGRAM)
+    before = {m["Id"]: m.get("State") for m in mews_sandbox.memberships()}
+    dr = mirror_onto(run_dag, "rel_sync_work_dir_full", stored, small_disk)
     out = capfd.readouterr()
     text = out.out + out.err
     assert dr.state == "failed"
@@ -94,32 +98,9 @@ def test_a_sync_work_dir_already_full_fails_clearly_before_sending_anything(
     finally:
         os.close(fd)
     stored = seed_sandbox(mews_sandbox, 20, PROGRAM)
-    rows = [
-        {"AccountId": m["AccountId"], "LoyaltyProgramId": PROGRAM, "IsPrimary": True, "Code": m["Code"]}
-        for m in stored[:10]
-    ]
     before = {m["Id"]: m.get("State") for m in mews_sandbox.memberships()}
     log_before = len(mews_sandbox.request_log())
-    dag_id = "rel_sync_work_dir_full_at_start"
-    dr = run_dag(
-        dag_id,
-        f"""
-import pendulum
-from airflow.sdk import DAG
-from airflow_provider_mews.operators.loyalty_memberships import LoyaltyMembershipSyncOperator
-
-with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False):
-    LoyaltyMembershipSyncOperator(
-        task_id="mirror",
-        memberships={rows!r},
-        loyalty_program_ids=[{PROGRAM!r}],
-        on_missing="cancel",
-        max_removals="100%",
-        sync_work_dir={str(small_disk)!r},
-        retries=0,
-    )
-""",
-    )
+    dr = mirror_onto(run_dag, "rel_sync_work_dir_full_at_start", stored, small_disk)
     out = capfd.readouterr()
     text = out.out + out.err
     assert dr.state == "failed"
