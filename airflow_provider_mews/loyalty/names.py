@@ -367,15 +367,18 @@ class NameResolver:
             self._halted = halted
             done: list[list[tuple[Any, ...]]] = []
             while True:
-                if final or (block and self._asking == 0):
-                    self._send(final=True)
+                if self._failed is None and (final or (block and self._asking == 0)):
+                    self._send(final=True)  # after a failure nothing more is asked
                 done += self._ready()
                 if not self._pending or (not final and (done or not block)):
                     return done
                 if self._failed is not None:
                     if done:
                         return done  # the chunks answered before it; the error on the next call
-                    raise self._failed
+                    if self._asking == 0:
+                        raise self._failed
+                    # Asks still in flight may answer chunks ahead of the failed one (asks run in
+                    # parallel and end in any order): wait for them, so what was resolved is given.
                 if halted is not None and halted():
                     raise LookupsStopped
                 self._cond.wait(0.5)
